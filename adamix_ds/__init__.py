@@ -1,0 +1,20 @@
+"""adamix_ds: AdaMix (mixture-of-adaptations) and mixture-of-adapters fine-tuning on DeepSpeed."""
+
+from .accounting import ParameterCount, count_parameters
+from .config import ConfigError, MixtureConfig
+from .consistency import LossSums, causal_lm_losses, token_losses
+from .merging import average_experts, fold_into_base, merge_experts, unfold_from_base
+from .mixture_adapter import MixtureAdapter
+from .mixture_checkpoint import CheckpointMismatch, load_mixtures, save_mixtures
+from .mixture_lora import MixtureLoRA
+from .mixture_set import MixtureSet
+from .peft_export import export_peft_adapter
+from .routing import RoutePlan, Router
+from .targets import resolve_targets
+
+__all__ = [
+    "CheckpointMismatch", "ConfigError", "LossSums", "MixtureAdapter", "MixtureConfig", "MixtureLoRA",
+    "MixtureSet", "ParameterCount", "RoutePlan", "Router", "average_experts", "causal_lm_losses",
+    "count_parameters", "export_peft_adapter", "fold_into_base", "load_mixtures", "merge_experts",
+    "resolve_targets", "save_mixtures", "token_losses", "unfold_from_base",
+]

@@ -1,0 +1,37 @@
+"""Tiny decoder configurations built in code, for offline runs and tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+_LLAMA_LIKE = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0,
+)
+TINY_CONFIGS = {
+    "llama": _LLAMA_LIKE,
+    "mistral": {**_LLAMA_LIKE, "sliding_window": None},
+    "qwen2": {**_LLAMA_LIKE, "use_sliding_window": False},
+    "qwen3": {**_LLAMA_LIKE, "head_dim": 8, "use_sliding_window": False},
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0),
+    "phi": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
+}
+"""Keyword arguments per model_type; every dropout is zero so that outputs are deterministic."""
+
+
+def tiny_config(model_type: str, vocab_size: int = 128, **overrides) -> PretrainedConfig:
+    if model_type not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for {model_type!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, **special, **{**TINY_CONFIGS[model_type], **overrides})
+
+
+def tiny_model(model_type: str, vocab_size: int = 128, seed: int = 0, **overrides) -> PreTrainedModel:
+    """A randomly initialised tiny causal LM of the given family, fp32, on CPU."""
+    import torch
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type, vocab_size, **overrides))
