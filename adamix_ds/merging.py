@@ -34,8 +34,6 @@ def _base_weight(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def _fold(model: nn.Module, mixtures: MixtureSet, sign: float) -> None:
-    if not mixtures.config.is_lora:
-        raise ValueError(f"only LoRA deltas fold into base weights, not --method {mixtures.config.method}")
     for target, mixture in zip(mixtures.targets, mixtures.mixtures):
         weight = _base_weight(model, target.name)
         with gathered([weight], modifier_rank=0), torch.no_grad():
@@ -52,6 +50,8 @@ def fold_into_base(model: nn.Module, mixtures: MixtureSet) -> None:
     """
     if mixtures.folded:
         return
+    if not mixtures.config.is_lora:
+        raise ValueError(f"only LoRA deltas fold into base weights, not --method {mixtures.config.method}")
     mixtures.detach()
     _fold(model, mixtures, +1.0)
     mixtures.folded = True

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from adamix_ds.tiny_models import tiny_model
+
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def make_model(family: str, seed: int = 0):
+    model = tiny_model(family, seed=seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def batch(rows: int = 2, length: int = 7, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (rows, length), generator=g)
+
+
+def randomize(mixtures, seed: int = 3, scale: float = 0.2) -> None:
+    """Give every expert distinct non-zero weights (B starts at zero, which would hide routing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mixtures.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)

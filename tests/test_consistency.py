@@ -1,0 +1,89 @@
+"""The one-forward consistency loss against two separate forward passes, written out by hand."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from adamix_ds import MixtureConfig, MixtureSet, causal_lm_losses
+
+from conftest import FAMILIES, batch, make_model, randomize
+
+
+def _labels(ids):
+    labels = ids.clone()
+    labels[:, :3] = -100  # a prompt: no loss on it
+    return labels
+
+
+def _two_pass_reference(model, router, ids, labels, weight):
+    """task CE of pass 1 + weight * 0.5 * (KL(p1 || sg p2) + KL(p2 || sg p1)), per target-token mean."""
+    with router.use_passes(0):
+        logits_1 = model(ids).logits[:, :-1].float()
+    with router.use_passes(1):
+        logits_2 = model(ids).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    keep = targets != -100
+    lp1 = F.log_softmax(logits_1[keep], -1)
+    lp2 = F.log_softmax(logits_2[keep], -1)
+    ce = F.cross_entropy(logits_1[keep], targets[keep])
+    kl_12 = F.kl_div(lp2.detach(), lp1, log_target=True, reduction="batchmean")
+    kl_21 = F.kl_div(lp1.detach(), lp2, log_target=True, reduction="batchmean")
+    return ce + weight * 0.5 * (kl_12 + kl_21)
+
+
+def _grads(params):
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["adamix-lora", "adamix-adapter"])
+def test_single_forward_equals_two_passes(family, method):
+    model = make_model(family)
+    mixtures = MixtureSet.inject(model, MixtureConfig(method=method, num_experts=4, share="none"), seed=21)
+    randomize(mixtures, scale=0.5)
+    mixtures.router.step = 5
+    model.train()
+    params = list(mixtures.parameters())
+    ids = batch(rows=3, length=9)
+    labels = _labels(ids)
+    weight = 3.0
+
+    sums = causal_lm_losses(model, ids, labels, router=mixtures.router, consistency=True, chunk_tokens=4)
+    loss = sums.mean(weight)
+    loss.backward()
+    one_forward = _grads(params)
+
+    reference = _two_pass_reference(model, mixtures.router, ids, labels, weight)
+    reference.backward()
+    two_passes = _grads(params)
+
+    assert sums.tokens == int((labels[:, 1:] != -100).sum())
+    assert sums.kl.item() > 0
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+    for g1, g2 in zip(one_forward, two_passes):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_loss_equals_hugging_face_loss():
+    model = make_model("llama")
+    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4), seed=1)
+    randomize(mixtures)
+    model.train()
+    ids = batch(rows=2, length=10)
+    labels = _labels(ids)
+    sums = causal_lm_losses(model, ids, labels, chunk_tokens=5)
+    assert sums.kl is None
+    torch.testing.assert_close(sums.mean(), model(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_consistency_needs_an_even_split():
+    model = make_model("llama")
+    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=2), seed=1)
+    model.train()
+    with pytest.raises(ValueError, match="router"):
+        causal_lm_losses(model, batch(), batch(), consistency=True)
+    with mixtures.router.use_passes(0, 1), pytest.raises(ValueError, match="cannot be split"):
+        model(batch(rows=3))
