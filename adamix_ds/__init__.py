@@ -1,5 +1,7 @@
 """adamix_ds: AdaMix (mixture-of-adaptations) and mixture-of-adapters fine-tuning on DeepSpeed."""
 
+__version__ = "0.1.0"
+
 from .accounting import ParameterCount, count_parameters
 from .config import ConfigError, MixtureConfig
 from .consistency import LossSums, causal_lm_losses, token_losses

@@ -5,9 +5,9 @@
 p1 and p2 are next-token distributions of the same batch under two independently drawn routes;
 sg is stop-gradient; both terms are summed over target tokens (labels != -100) only. Instead of two
 forward passes, the batch is concatenated with itself and run once, the halves routed as passes 0
-and 1. The vocabulary projection, softmaxes and KL are computed in chunks of target tokens under
-activation checkpointing, so the fp32 logits of both halves are never all in memory at once, neither
-in forward nor in backward.
+and 1. The vocabulary projection, softmaxes and KL are computed in chunks of target tokens with their
+gradients in closed form, so the fp32 logits of both halves are never all in memory at once, neither
+in forward nor in backward, and nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .routing import Router
+from .sharded import gathered
 
 IGNORE_INDEX = -100
 
@@ -39,23 +39,76 @@ class LossSums:
         return total / n
 
 
-def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+class _HeadLosses(torch.autograd.Function):
+    """CE and symmetric-KL sums from hidden states, chunk by chunk, with gradients computed in closed form.
+
+    Each chunk's logits live only while that chunk is processed; the gradients with respect to the
+    hidden states (the only ones needed: the output projection is frozen) are formed in the same pass,
+    so backward needs neither the logits nor the projection weight. For logits z = softcap(u):
+      d CE / d z1 = p1 - onehot(y)
+      d KL(p1 || sg p2) / d z1 = p1 * (log p1 - log p2 - KL_row)   (and symmetrically for z2)
+    """
+
+    @staticmethod
+    def forward(ctx, h1, h2, weight, bias, targets, chunk_tokens, softcap):
+        need_grad = any(ctx.needs_input_grad[:2])
+        with torch.no_grad():
+            lm = h1.new_zeros((), dtype=torch.float32)
+            kl = h1.new_zeros((), dtype=torch.float32)
+            grad_ce_1 = torch.empty_like(h1) if need_grad else None
+            grad_kl_1 = torch.empty_like(h1) if need_grad and h2 is not None else None
+            grad_kl_2 = torch.empty_like(h2) if need_grad and h2 is not None else None
+            for start in range(0, h1.shape[0], chunk_tokens):
+                rows = slice(start, start + chunk_tokens)
+                u1, dz1 = _logits(h1[rows], weight, bias, softcap)
+                logp1 = F.log_softmax(u1, dim=-1)
+                p1 = logp1.exp()
+                y = targets[rows]
+                lm += -logp1.gather(1, y[:, None]).sum()
+                if need_grad:
+                    grad_ce = p1.clone()
+                    grad_ce[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                    grad_ce_1[rows] = _to_hidden(grad_ce, dz1, weight, h1.dtype)
+                if h2 is None:
+                    continue
+                u2, dz2 = _logits(h2[rows], weight, bias, softcap)
+                logp2 = F.log_softmax(u2, dim=-1)
+                p2 = logp2.exp()
+                diff = logp1 - logp2
+                kl_12 = (p1 * diff).sum(-1, keepdim=True)
+                kl_21 = -(p2 * diff).sum(-1, keepdim=True)
+                kl += 0.5 * (kl_12.sum() + kl_21.sum())
+                if not need_grad:
+                    continue
+                grad_kl_1[rows] = _to_hidden(0.5 * p1 * (diff - kl_12), dz1, weight, h1.dtype)
+                grad_kl_2[rows] = _to_hidden(0.5 * p2 * (-diff - kl_21), dz2, weight, h2.dtype)
+        ctx.save_for_backward(grad_ce_1, grad_kl_1, grad_kl_2)
+        return lm, kl
+
+    @staticmethod
+    def backward(ctx, grad_lm, grad_kl):
+        grad_ce_1, grad_kl_1, grad_kl_2 = ctx.saved_tensors
+        grad_h1 = grad_ce_1 * grad_lm.to(grad_ce_1.dtype)
+        grad_h2 = None
+        if grad_kl_1 is not None:
+            grad_h1 = grad_h1 + grad_kl_1 * grad_kl.to(grad_kl_1.dtype)
+            grad_h2 = grad_kl_2 * grad_kl.to(grad_kl_2.dtype)
+        return grad_h1, grad_h2, None, None, None, None, None
 
 
-def _chunk_sums(head, softcap, h1, h2, targets):
-    """CE sum of pass 1 and symmetric-KL sum with stop-gradients, for one chunk of target tokens."""
-    logp1 = F.log_softmax(_logits(head, h1, softcap), dim=-1)
-    ce = F.nll_loss(logp1, targets, reduction="sum")
-    if h2 is None:
-        return ce, ce.new_zeros(())
-    logp2 = F.log_softmax(_logits(head, h2, softcap), dim=-1)
-    kl_12 = (logp1.exp() * (logp1 - logp2.detach())).sum()
-    kl_21 = (logp2.exp() * (logp2 - logp1.detach())).sum()
-    return ce, 0.5 * (kl_12 + kl_21)
+def _logits(hidden, weight, bias, softcap):
+    """fp32 logits of a chunk and d(logits)/d(pre-cap logits) (None without a soft cap)."""
+    u = F.linear(hidden, weight, bias).float()
+    if not softcap:
+        return u, None
+    t = torch.tanh(u / softcap)
+    return t * softcap, 1.0 - t * t
+
+
+def _to_hidden(grad_logits, dcap, weight, dtype):
+    if dcap is not None:
+        grad_logits = grad_logits * dcap
+    return (grad_logits.to(weight.dtype) @ weight).to(dtype)
 
 
 def token_losses(
@@ -66,25 +119,21 @@ def token_losses(
     chunk_tokens: int = 1024,
     softcap: float | None = None,
 ) -> LossSums:
-    """Losses from last hidden states (B, T, d) and labels (B, T); position t predicts labels[:, t + 1]."""
+    """Losses from last hidden states (B, T, d) and labels (B, T); position t predicts labels[:, t + 1].
+
+    The output projection `head` must be frozen (the mixture methods never train it); under ZeRO-3 its
+    weight is gathered once for the whole computation.
+    """
+    if head.weight.requires_grad:
+        raise ValueError("token_losses needs a frozen output projection; the full method uses the model's own loss")
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     h1 = hidden[:, :-1][keep]
     h2 = hidden_2[:, :-1][keep] if hidden_2 is not None else None
     y = targets[keep]
-    tokens = int(y.numel())
-    lm = hidden.new_zeros((), dtype=torch.float32) + 0.0 * hidden.sum()
-    kl = lm.clone() if h2 is not None else None
-    for start in range(0, tokens, chunk_tokens):
-        end = start + chunk_tokens
-        ce_c, kl_c = checkpoint(
-            _chunk_sums, head, softcap, h1[start:end], None if h2 is None else h2[start:end], y[start:end],
-            use_reentrant=False,
-        )
-        lm = lm + ce_c
-        if kl is not None:
-            kl = kl + kl_c
-    return LossSums(lm=lm, kl=kl, tokens=tokens)
+    with gathered([p for p in (head.weight, head.bias) if p is not None]):
+        lm, kl = _HeadLosses.apply(h1, h2, head.weight, head.bias, y, chunk_tokens, softcap)
+    return LossSums(lm=lm, kl=kl if hidden_2 is not None else None, tokens=int(y.numel()))
 
 
 def causal_lm_losses(

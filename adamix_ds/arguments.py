@@ -1,0 +1,109 @@
+"""Command-line and run-file arguments of the trainer, parsed with transformers.HfArgumentParser.
+
+Names follow Hugging Face TrainingArguments where it has one, so users' habits carry over. Batch,
+optimizer and clipping options default to None: a value then comes from the DeepSpeed config, and
+only a value given in both places that disagrees is an error (see ds_config.resolve_ds_config).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from transformers import HfArgumentParser
+
+from .config import ConfigError, MixtureConfig
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="tiny:llama",
+        metadata={"help": "A local Hugging Face model directory, a hub name, or tiny:<family> for a small model "
+                  "built from config (llama, mistral, qwen2, qwen3, gpt2, gpt_neox, phi)."},
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tokenizer directory or a sentencepiece .model file (default: the model directory)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model repository."})
+
+
+@dataclass
+class DataArguments:
+    data_path: Optional[str] = field(default=None, metadata={"help": "Training data: a jsonl/json/csv/parquet/txt file."})
+    data_format: str = field(
+        default="auto", metadata={"help": "auto, text, or prompt_completion (loss on the completion only)."}
+    )
+    eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    eval_split_ratio: float = field(
+        default=0.0, metadata={"help": "Hold out this fraction of the training data for evaluation (fixed seed)."}
+    )
+    max_seq_length: int = field(default=512, metadata={"help": "Tokens per example; longer ones are truncated."})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints, logs and merges go."})
+    deepspeed: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed JSON config path."})
+    per_device_train_batch_size: Optional[int] = field(default=None, metadata={"help": "Micro-batch per rank (default 4)."})
+    per_device_eval_batch_size: Optional[int] = field(default=None, metadata={"help": "Eval batch per rank."})
+    gradient_accumulation_steps: Optional[int] = field(default=None, metadata={"help": "Micro-batches per step (default 1)."})
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default 2e-4)."})
+    weight_decay: Optional[float] = field(default=None, metadata={"help": "AdamW weight decay (default 0)."})
+    adam_beta1: Optional[float] = field(default=None, metadata={"help": "default 0.9"})
+    adam_beta2: Optional[float] = field(default=None, metadata={"help": "default 0.999"})
+    adam_epsilon: Optional[float] = field(default=None, metadata={"help": "default 1e-8"})
+    max_grad_norm: Optional[float] = field(default=None, metadata={"help": "Gradient clipping norm (default 1.0; 0 = off)."})
+    warmup_steps: Optional[int] = field(default=None, metadata={"help": "Learning-rate warm-up steps (default 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps; overrides num_train_epochs if > 0."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs when max_steps is not set."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep the newest K checkpoints."})
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "A checkpoint directory, or 'auto' for the newest complete one."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of data order and initialisation; rank 0's value is "
+                                             "broadcast and keys every route."})
+    consistency_weight: float = field(
+        default=0.0, metadata={"help": "lambda of the consistency loss (0 = off; reference: 1 or 100)."}
+    )
+    eval_modes: str = field(default="merged,random", metadata={"help": "Routing modes evaluated at each eval."})
+    check_routes_every: int = field(
+        default=0, metadata={"help": "Every K steps compare a digest of the routes across ranks (0 = off)."}
+    )
+    loss_chunk_tokens: int = field(default=1024, metadata={"help": "Target tokens per chunk of the output projection."})
+    merge_at_end: bool = field(default=True, metadata={"help": "Write merged adapter and model after training."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, MixtureConfig, TrainArguments)
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """(model, data, mixture, train) arguments from the command line and an optional --config run file.
+
+    A run file (JSON) supplies defaults; options on the command line override it.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.add_argument("--config", default=None, help="A JSON run file whose keys are any of these options.")
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; unused.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"--config {path}: {error}") from error
+        options = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - options)
+        if unknown:
+            raise ConfigError(f"--config {path}: unknown options {unknown}")
+        parser.set_defaults(**values)
+    *dataclasses_, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    return tuple(dataclasses_[: len(ARGUMENT_CLASSES)])

@@ -1,0 +1,160 @@
+"""Resolve a DeepSpeed JSON config for this trainer, the way the Hugging Face Trainer fills "auto" values.
+
+DeepSpeed itself leaves "auto" to the Hugging Face Trainer; with a trainer of our own, every "auto"
+is replaced here from the command-line arguments (or a default), and a value set explicitly in both
+places that disagrees is refused with both values named.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .arguments import TrainArguments
+from .config import ConfigError
+
+AUTO = "auto"
+DEFAULTS = {
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 2e-4,
+    "weight_decay": 0.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "warmup_steps": 0,
+}
+OPTIMIZERS = ("AdamW", "Adam", "SGD")
+SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch arithmetic of one optimizer step."""
+
+    micro_batch: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+    def describe(self, seq_len: int) -> str:
+        return (
+            f"batch: {self.micro_batch} per micro-batch x {self.accumulation} accumulation x {self.world_size} "
+            f"ranks = {self.global_batch} sequences per step (up to {self.global_batch * seq_len:,} tokens)"
+        )
+
+
+def load_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--deepspeed {path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--deepspeed {path}: not valid JSON ({error})") from error
+
+
+def _merge(config: dict, key: str, arg_name: str, arg_value, default=None, where: str = ""):
+    """The value for config[key]: from the config, the argument, or the default; conflicts are errors."""
+    value = config.get(key, AUTO)
+    if value == AUTO:
+        resolved = arg_value if arg_value is not None else (default if default is not None else DEFAULTS[arg_name])
+    elif arg_value is not None and arg_value != value:
+        raise ConfigError(
+            f"--{arg_name}={arg_value} contradicts the DeepSpeed config's {where}{key}={value}; "
+            f"set one of them, or make the config value \"auto\""
+        )
+    else:
+        resolved = value
+    config[key] = resolved
+    return resolved
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_ds_config(
+    raw: dict, args: TrainArguments, world_size: int, steps_for: Callable[[BatchPlan], int] | None = None
+) -> tuple[dict, BatchPlan]:
+    """A copy of `raw` with every "auto" resolved, checked against `args`, and the step's batch plan.
+
+    `steps_for` gives the run's optimizer steps for a batch plan (for schedulers' total_num_steps).
+    """
+    config = copy.deepcopy(raw)
+    micro = _merge(config, "train_micro_batch_size_per_gpu", "per_device_train_batch_size",
+                   args.per_device_train_batch_size)
+    accumulation = _merge(config, "gradient_accumulation_steps", "gradient_accumulation_steps",
+                          args.gradient_accumulation_steps)
+    for name, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accumulation)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"DeepSpeed config {name}={value!r}: must be an integer >= 1")
+    plan = BatchPlan(micro, accumulation, world_size)
+    train_batch = config.get("train_batch_size", AUTO)
+    if train_batch == AUTO:
+        config["train_batch_size"] = plan.global_batch
+    elif train_batch != plan.global_batch:
+        raise ConfigError(
+            f"DeepSpeed config train_batch_size={train_batch} but micro-batch {micro} x accumulation "
+            f"{accumulation} x {world_size} ranks = {plan.global_batch}"
+        )
+    _merge(config, "gradient_clipping", "max_grad_norm", args.max_grad_norm)
+
+    for precision in ("bf16", "fp16"):
+        section = config.setdefault(precision, {"enabled": False})
+        if section.get("enabled") == AUTO:
+            section["enabled"] = precision == "bf16" and bf16_supported()
+    if config["fp16"]["enabled"]:
+        raise ConfigError("fp16 is not supported (mixtures train in fp32 beside the base); use bf16 or fp32")
+    if config["bf16"]["enabled"] and not bf16_supported():
+        raise ConfigError("the DeepSpeed config enables bf16 but this device does not support it; set it to \"auto\"")
+
+    zero = config.setdefault("zero_optimization", {"stage": 3})
+    if zero.get("stage") not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage={zero.get('stage')!r}: must be 0, 1, 2 or 3")
+    for key, value in list(zero.items()):
+        if value == AUTO:
+            zero.pop(key)  # DeepSpeed's own default applies
+
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if optimizer.get("type") not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.type={optimizer.get('type')!r}: supported are {', '.join(OPTIMIZERS)}")
+    params = optimizer.setdefault("params", {})
+    _merge(params, "lr", "learning_rate", args.learning_rate, where="optimizer.params.")
+    _merge(params, "weight_decay", "weight_decay", args.weight_decay, where="optimizer.params.")
+    if optimizer["type"] != "SGD":
+        betas = params.get("betas", AUTO)
+        if betas == AUTO:
+            betas = [AUTO, AUTO]
+        resolved = {"0": betas[0], "1": betas[1]}
+        _merge(resolved, "0", "adam_beta1", args.adam_beta1, where="optimizer.params.betas[0] ")
+        _merge(resolved, "1", "adam_beta2", args.adam_beta2, where="optimizer.params.betas[1] ")
+        params["betas"] = [resolved["0"], resolved["1"]]
+        _merge(params, "eps", "adam_epsilon", args.adam_epsilon, where="optimizer.params.")
+
+    scheduler = config.get("scheduler")
+    if scheduler is not None:
+        if scheduler.get("type") not in SCHEDULERS:
+            raise ConfigError(f"scheduler.type={scheduler.get('type')!r}: supported are {', '.join(SCHEDULERS)}")
+        sparams = scheduler.setdefault("params", {})
+        if scheduler["type"] != "WarmupCosineLR":
+            if sparams.get("warmup_max_lr", AUTO) == AUTO:
+                sparams["warmup_max_lr"] = params["lr"]
+            if sparams.get("warmup_min_lr", AUTO) == AUTO:
+                sparams["warmup_min_lr"] = 0.0
+        _merge(sparams, "warmup_num_steps", "warmup_steps", args.warmup_steps, where="scheduler.params.")
+        if scheduler["type"] != "WarmupLR":
+            if sparams.get("total_num_steps", AUTO) == AUTO:
+                if steps_for is None:
+                    raise ConfigError("scheduler.params.total_num_steps is \"auto\" but the number of steps is unknown")
+                sparams["total_num_steps"] = steps_for(plan)
+    return config, plan

@@ -1,0 +1,115 @@
+"""The post-training merge, as a collective: every rank takes part, replicas are checked, shards are
+written in parallel.
+
+OUTPUT/merged/adapter/: the averaged mixture as a PEFT LoRA adapter (LoRA methods) or a one-expert
+mixture checkpoint (adapter methods). OUTPUT/merged/model/ (LoRA methods): the full model with the
+averaged delta folded into its weights, as sharded safetensors that `from_pretrained` reads: rank r
+gathers the parameters of its contiguous share and writes shard r + 1; rank 0 writes the index,
+config and tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import distributed
+from .merging import merge_experts
+from .mixture_checkpoint import save_mixtures
+from .mixture_set import MixtureSet
+from .peft_export import export_peft_adapter
+from .sharded import full_numel, gathered
+
+logger = logging.getLogger(__name__)
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _saved_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """State-dict entries to save, each tied parameter once (under its first name)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    seen: set[int] = set()
+    entries = []
+    for name in model.state_dict(keep_vars=True):
+        tensor = params.get(name, buffers.get(name))
+        if tensor is None or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        entries.append((name, tensor))
+    return entries
+
+
+def _owners(entries, world: int) -> list[int]:
+    """Contiguous split of the entries into `world` shares of about equal size."""
+    sizes = [full_numel(t) for _, t in entries]
+    total, owners, acc = sum(sizes), [], 0
+    for size in sizes:
+        owners.append(min(world - 1, acc * world // max(total, 1)))
+        acc += size
+    return owners
+
+
+def _folded_deltas(mixtures: MixtureSet) -> dict[str, tuple[torch.Tensor, bool]]:
+    return {
+        f"{t.name}.weight": (m.delta_weight().detach().float().cpu(), t.transposed)
+        for t, m in zip(mixtures.targets, mixtures.mixtures)
+    }
+
+
+def write_merged_model(model: nn.Module, mixtures: MixtureSet, directory: Path, tokenizer=None) -> Path:
+    """Collective: the full model with W + (alpha/r) B_bar A_bar, one safetensors shard per rank."""
+    rank, world = distributed.rank(), distributed.world_size()
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = _saved_tensors(model)
+    owners = _owners(entries, world)
+    deltas = _folded_deltas(mixtures)
+    shard_name = f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
+    shard = {}
+    for (name, tensor), owner in zip(entries, owners):
+        with gathered([tensor]):
+            if owner == rank:
+                value = tensor.detach().to("cpu", copy=True)
+                if name in deltas:
+                    delta, transposed = deltas[name]
+                    value = (value.float() + (delta.T if transposed else delta)).to(value.dtype)
+                shard[name] = value.contiguous()
+    save_file(shard, directory / shard_name, metadata={"format": "pt"})
+    if rank == 0:
+        weight_map = {name: f"model-{o + 1:05d}-of-{world:05d}.safetensors" for (name, _), o in zip(entries, owners)}
+        total = sum(full_numel(t) * t.element_size() for _, t in entries)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+    distributed.barrier()
+    return directory
+
+
+def merge_and_export(model: nn.Module, mixtures: MixtureSet, output_dir: Path, tokenizer=None,
+                     base_model_name_or_path: str | None = None) -> dict[str, str]:
+    """Collective: check the replicas agree, average the experts, write merged/adapter and merged/model."""
+    distributed.check_replicas_agree([p for _, p in mixtures.named_tensors()], "mixture weights")
+    merged = merge_experts(mixtures)
+    out = {}
+    adapter_dir = Path(output_dir) / "merged" / "adapter"
+    if distributed.is_main():
+        if mixtures.config.is_lora:
+            export_peft_adapter(merged, adapter_dir, base_model_name_or_path)
+        else:
+            save_mixtures(merged, adapter_dir)
+    out["adapter"] = str(adapter_dir)
+    if mixtures.config.is_lora:
+        out["model"] = str(write_merged_model(model, merged, Path(output_dir) / "merged" / "model", tokenizer))
+    else:
+        logger.info("adapter methods have no folded full model (an adapter is not a weight delta); "
+                    "serve base + merged/adapter")
+    distributed.barrier()
+    return out

@@ -1,0 +1,93 @@
+"""The frozen base model under ZeRO-3: created or loaded already partitioned, gathered layer by layer.
+
+Design (see README, "How the ZeRO-3 arrangement works"): a ZeRO-3 engine partitions every parameter
+in its module, trainable or not, with the optimizer state. The mixtures must stay whole and
+replicated, so they are kept out of the ZeRO-managed tree: the base alone is created under
+zero.Init (through transformers' HfDeepSpeedConfig) and DeepSpeed's ZeRO-3 parameter coordinator
+(DeepSpeedZeRoOffload) is attached to it to gather each layer's weights just before it runs, in
+forward and in backward. The mixtures hook onto the base's modules from outside.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from . import distributed
+from .arguments import ModelArguments
+from .config import ConfigError
+from .tiny_models import TINY_CONFIGS, tiny_config
+
+logger = logging.getLogger(__name__)
+TINY_PREFIX = "tiny:"
+
+
+@dataclass
+class ShardedBase:
+    """The base model and what keeps it partitioned; hold it for the model's lifetime."""
+
+    model: PreTrainedModel
+    stage: int
+    device: torch.device
+    _keepalive: list = field(default_factory=list, repr=False)
+
+    @property
+    def partitioned(self) -> bool:
+        return self.stage == 3
+
+
+def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int) -> PreTrainedModel:
+    name = model_args.model_name_or_path
+    if name.startswith(TINY_PREFIX):
+        family = name[len(TINY_PREFIX):]
+        if family not in TINY_CONFIGS:
+            raise ConfigError(f"--model_name_or_path {name}: tiny families are {', '.join(sorted(TINY_CONFIGS))}")
+        return AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=vocab_size), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+
+
+def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed: int) -> ShardedBase:
+    """Build or load the base frozen, partitioned under ZeRO-3 (ceil(numel / W) elements per rank)."""
+    from deepspeed.accelerator import get_accelerator
+
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    stage = ds_config["zero_optimization"]["stage"]
+    device = torch.device(get_accelerator().device_name(distributed.local_rank()))
+    keep = []
+    torch.manual_seed(seed)
+    if stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep.append(HfDeepSpeedConfig(ds_config))  # transformers keeps only a weak reference
+    model = _from_source(model_args, dtype, vocab_size)
+    model.requires_grad_(False)
+    if stage == 3:
+        keep.append(_attach_coordinator(model, ds_config))
+    else:
+        model.to(device)
+    return ShardedBase(model=model, stage=stage, device=device, _keepalive=keep)
+
+
+def _attach_coordinator(model: torch.nn.Module, ds_config: dict):
+    """DeepSpeed's ZeRO-3 parameter coordinator on the base alone, configured from zero_optimization."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.utils.timer import NoopTimer
+
+    config = DeepSpeedConfig(ds_config)
+    zero = config.zero_config
+    return DeepSpeedZeRoOffload(
+        model,
+        timers=NoopTimer(),
+        ds_config=config,
+        overlap_comm=zero.overlap_comm,
+        prefetch_bucket_size=zero.prefetch_bucket_size,
+        max_reuse_distance=zero.max_reuse_distance,
+        max_live_parameters=zero.max_live_parameters,
+        param_persistence_threshold=zero.param_persistence_threshold,
+        model_persistence_threshold=zero.model_persistence_threshold,
+        offload_param_config=zero.offload_param,
+    )

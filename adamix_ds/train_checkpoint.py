@@ -1,0 +1,126 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+OUTPUT_DIR/checkpoints/step-N/ holds the mixtures (mixture_checkpoint format), the optimizer state
+(safetensors), and trainer_state.json (step, schedule, routing seed, data position, RNG state).
+Rank 0 writes into a temporary directory, adds a COMPLETE marker, and renames it into place, so a
+kill during a save never leaves a directory that resume would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .mixture_checkpoint import WEIGHTS_NAME, check_config_matches, load_state_strict, read_mixture_config, save_mixtures
+from .mixture_set import MixtureSet
+
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "trainer_state.json"
+COMPLETE_MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands: the next step to take, the seed its routes derive from, examples consumed."""
+
+    step: int
+    routing_seed: int
+    consumed_examples: int
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            tensors[f"{index}.{name}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def save_checkpoint(output_dir, mixtures: MixtureSet, optimizer, scheduler, state: TrainerState,
+                    keep: int | None) -> Path:
+    """Write step-N atomically (call on rank 0 only), then prune to the newest `keep` checkpoints."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_mixtures(mixtures, tmp)
+    tensors, param_groups = _flatten_optimizer(optimizer)
+    save_file(tensors, tmp / OPTIMIZER_NAME)
+    record = {
+        "trainer": asdict(state),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "optimizer_param_groups": param_groups,
+    }
+    (tmp / STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    (tmp / COMPLETE_MARKER).write_text("ok\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep:
+        for old in complete_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and (path / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def find_resume_checkpoint(output_dir, spec: str | None) -> Path | None:
+    """--resume_from_checkpoint: None, 'auto' (newest complete checkpoint, if any) or a directory."""
+    if spec is None:
+        return None
+    if spec == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint directory")
+    return path
+
+
+def load_checkpoint(path: Path, mixtures: MixtureSet, optimizer, scheduler) -> TrainerState:
+    """Restore mixtures (strictly), optimizer and schedule from `path`; return the trainer state."""
+    saved_config, _, _ = read_mixture_config(path)
+    check_config_matches(saved_config, mixtures.config)
+    load_state_strict(mixtures, load_file(str(path / WEIGHTS_NAME)))
+    record = json.loads((path / STATE_NAME).read_text())
+    tensors = load_file(str(path / OPTIMIZER_NAME))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, record["optimizer_param_groups"]))
+    if (scheduler is None) != (record["scheduler"] is None):
+        raise ValueError(f"{path}: the checkpoint {'has' if record['scheduler'] else 'has no'} schedule state, "
+                         f"this run {'has a' if scheduler else 'has no'} scheduler")
+    if scheduler is not None:
+        scheduler.load_state_dict(record["scheduler"])
+    return TrainerState(**record["trainer"])
