@@ -77,6 +77,9 @@ class TrainArguments:
     check_routes_every: int = field(
         default=0, metadata={"help": "Every K steps compare a digest of the routes across ranks (0 = off)."}
     )
+    save_routes: bool = field(
+        default=False, metadata={"help": "Write every route taken to OUTPUT_DIR/routes/rank-R.jsonl (audits)."}
+    )
     loss_chunk_tokens: int = field(default=1024, metadata={"help": "Target tokens per chunk of the output projection."})
     merge_at_end: bool = field(default=True, metadata={"help": "Write merged adapter and model after training."})
 

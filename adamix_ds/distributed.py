@@ -124,7 +124,7 @@ def tensor_digest(tensors) -> int:
 
     h = hashlib.blake2b(digest_size=8)
     for t in tensors:
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return int.from_bytes(h.digest(), "little") >> 1
 
 

@@ -103,8 +103,13 @@ class Trainer:
         self.step = 0
         self.writer = self._tensorboard()
         self.history: list[dict] = []
-        if args.check_routes_every > 0:
+        if args.check_routes_every > 0 or args.save_routes:
             self.mixtures.router.record = []
+        self.route_log = None
+        if args.save_routes:
+            route_dir = self.output_dir / "routes"
+            route_dir.mkdir(parents=True, exist_ok=True)
+            self.route_log = open(route_dir / f"rank-{distributed.rank()}.jsonl", "a")
 
     def _tensorboard(self):
         section = self.ds_config.get("tensorboard", {})
@@ -164,6 +169,9 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if router.record is not None:
+            if self.route_log is not None:
+                self.route_log.writelines(json.dumps(r) + "\n" for r in router.record)
+                self.route_log.flush()
             router.record.clear()
         elapsed = time.perf_counter() - start
         lm_loss, kl = stats[1].item() / tokens, stats[2].item() / tokens
@@ -256,6 +264,7 @@ class Trainer:
         final = self.evaluate()
         if final:
             self._log(final)
+        distributed.check_replicas_agree(self._replicated_state(), "mixture weights or optimizer states")
         self.save()
         merged = {}
         if args.merge_at_end:
@@ -267,7 +276,23 @@ class Trainer:
         self._write_run_json(summary)
         if self.writer is not None:
             self.writer.close()
+        if self.route_log is not None:
+            self.route_log.close()
         return summary
+
+    def _replicated_state(self) -> list[torch.Tensor]:
+        """Mixture weights and every optimizer-state tensor: identical on all ranks by design."""
+        tensors = [p for _, p in self.mixtures.named_tensors()]
+        for param in self.params:
+            tensors.extend(torch.as_tensor(v) for _, v in sorted(self.optimizer.state[param].items()))
+        return tensors
+
+    def _partition(self) -> dict:
+        """Elements of each base weight held by this rank (ceil(numel / W) under ZeRO-3)."""
+        return {
+            name: (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel())
+            for name, p in self.model.named_parameters()
+        }
 
     def _write_run_json(self, summary: dict) -> None:
         if not distributed.is_main():
@@ -283,6 +308,8 @@ class Trainer:
             "deepspeed_config": self.ds_config,
             "batch": asdict(self.plan) | {"global_batch": self.plan.global_batch},
             "routing_seed": self.routing_seed,
+            "base_partition": {"world_size": distributed.world_size(), "zero_stage": self.base.stage,
+                               "rank0_numel": self._partition()},
             "versions": {"adamix_ds": __version__, "torch": torch.__version__,
                          "deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
             "history": self.history,

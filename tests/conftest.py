@@ -32,3 +32,10 @@ def randomize(mixtures, seed: int = 3, scale: float = 0.2) -> None:
     with torch.no_grad():
         for p in mixtures.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    from workspace import build_workspace
+
+    return build_workspace(tmp_path_factory.mktemp("workspace"))

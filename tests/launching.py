@@ -1,0 +1,53 @@
+"""One way to run the real entry points from tests: N CPU ranks through the deepspeed launcher (or one
+plain process), with a hard timeout so that a hang fails the test instead of CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("RANK", None)
+    env.update(extra)
+    return env
+
+
+def run_entry(script: str, args: list[str], ranks: int = 1, timeout: float = 300, check: bool = True,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run launch/<script> on `ranks` CPU ranks; on failure or timeout, fail with the output's tail."""
+    if ranks == 1:
+        cmd = [sys.executable, str(REPO / "launch" / script), *args]
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+               str(REPO / "launch" / script), *args]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        out = (error.stdout or b"")[-4000:] if isinstance(error.stdout, bytes) else (error.stdout or "")[-4000:]
+        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s:\n{out}") from None
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
+    return proc
+
+
+def run_record(output_dir: Path) -> dict:
+    return json.loads((Path(output_dir) / "run.json").read_text())
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    return {h["step"]: h["train/loss"] for h in run_record(output_dir)["history"] if "train/loss" in h}
