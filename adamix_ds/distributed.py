@@ -4,7 +4,9 @@ route digests and replica checks. The mixture math elsewhere is plain single-pro
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,14 @@ def init_process_group(timeout_s: float = 600.0) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(auto_mpi_discovery=True, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def setup_rank_logging() -> None:
+    """Rank 0 logs at INFO; other ranks only warnings and errors."""
+    logging.basicConfig(
+        level=logging.INFO if is_main() else logging.WARNING, stream=sys.stdout, force=True,
+        format=f"%(asctime)s [rank{rank()}] %(levelname)s %(message)s",
+    )
 
 
 def _free_port() -> int:

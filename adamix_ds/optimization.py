@@ -22,10 +22,15 @@ def build_optimizer(params, section: dict) -> torch.optim.Optimizer:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, section: dict | None):
-    """A DeepSpeed schedule stepped once per optimizer step, or None for a constant learning rate."""
+    """A DeepSpeed schedule stepped once per optimizer step, or None for a constant learning rate.
+
+    It is stepped once here, so that schedule iteration i sets the learning rate of optimizer step i.
+    """
     if section is None:
         return None
     params = dict(section["params"])
     params["warmup_num_steps"] = max(1, int(params["warmup_num_steps"]))
     params.setdefault("warmup_type", "linear")
-    return getattr(lr_schedules, section["type"])(optimizer, **params)
+    scheduler = getattr(lr_schedules, section["type"])(optimizer, **params)
+    scheduler.step()
+    return scheduler

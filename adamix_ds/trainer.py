@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,15 +43,6 @@ def total_steps(args: TrainArguments, num_examples: int, plan: BatchPlan) -> int
     if args.max_steps > 0:
         return args.max_steps
     return max(1, math.floor(args.num_train_epochs * (num_examples // plan.global_batch)))
-
-
-def setup_logging() -> None:
-    """Rank 0 logs at INFO; other ranks only warnings and errors."""
-    level = logging.INFO if distributed.is_main() else logging.WARNING
-    logging.basicConfig(
-        level=level, stream=sys.stdout, force=True,
-        format=f"%(asctime)s [rank{distributed.rank()}] %(levelname)s %(message)s",
-    )
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -322,7 +312,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mixture_config: 
           args: TrainArguments) -> dict:
     """Run one training job on this rank; every rank of the job calls it."""
     distributed.init_process_group()
-    setup_logging()
+    distributed.setup_rank_logging()
     try:
         return Trainer(model_args, data_args, mixture_config, args).run()
     finally:

@@ -122,3 +122,17 @@ def test_merged_model_loads_plainly_with_merged_logits(runs, workspace):
     adapted.eval()
     with torch.no_grad():
         torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_job_on_a_checkpoint_writes_the_same_model(runs, workspace, tmp_path):
+    run_entry("merge.py", ["--checkpoint", str(runs["two_ranks"] / "checkpoints" / f"step-{STEPS}"),
+                           "--model_name_or_path", str(workspace.base), "--output_dir", str(tmp_path)], ranks=2)
+    ours = {}
+    theirs = {}
+    for shard in (tmp_path / "merged" / "model").glob("*.safetensors"):
+        ours.update(load_file(str(shard)))
+    for shard in (runs["two_ranks"] / "merged" / "model").glob("*.safetensors"):
+        theirs.update(load_file(str(shard)))
+    _assert_close_weights(ours, theirs, 0)
+    assert (tmp_path / "merged" / "model" / "tokenizer_config.json").is_file()
+    assert (tmp_path / "merged" / "adapter" / "adapter_model.safetensors").is_file()
