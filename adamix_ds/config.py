@@ -9,6 +9,8 @@ from typing import Optional
 LORA_METHODS = ("adamix-lora", "lora")
 ADAPTER_METHODS = ("adamix-adapter", "adapter")
 MIXTURE_METHODS = LORA_METHODS + ADAPTER_METHODS
+FULL = "full"
+METHODS = MIXTURE_METHODS + (FULL,)
 SHARE_CHOICES = ("up", "down", "none")
 EVAL_MODES = ("merged", "random", "ensemble")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
@@ -31,7 +33,7 @@ class MixtureConfig:
 
     method: str = field(
         default="adamix-lora",
-        metadata={"help": f"Mixture method, one of {', '.join(MIXTURE_METHODS)}."},
+        metadata={"help": f"One of {', '.join(METHODS)} (full: every base weight trained, the upper baseline)."},
     )
     num_experts: Optional[int] = field(
         default=None,
@@ -64,8 +66,15 @@ class MixtureConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.method not in MIXTURE_METHODS:
-            raise _bad("method", self.method, f"one of {', '.join(MIXTURE_METHODS)}")
+        if self.method not in METHODS:
+            raise _bad("method", self.method, f"one of {', '.join(METHODS)}")
+        if self.eval_mode not in EVAL_MODES:
+            raise _bad("eval_mode", self.eval_mode, f"one of {', '.join(EVAL_MODES)}")
+        if self.method == FULL:
+            if self.num_experts not in (None, 1):
+                raise _bad("num_experts", self.num_experts, "unset or 1 for --method full (no mixture)")
+            self.num_experts = 1
+            return
         if self.num_experts is None:
             self.num_experts = 4 if self.method.startswith("adamix-") else 1
         if self.num_experts < 1:
@@ -88,8 +97,10 @@ class MixtureConfig:
                 raise _bad("adapter_size", self.adapter_size, "an integer > 0")
             if self.adapter_activation not in ACTIVATIONS:
                 raise _bad("adapter_activation", self.adapter_activation, f"one of {', '.join(ACTIVATIONS)}")
-        if self.eval_mode not in EVAL_MODES:
-            raise _bad("eval_mode", self.eval_mode, f"one of {', '.join(EVAL_MODES)}")
+
+    @property
+    def is_full(self) -> bool:
+        return self.method == FULL
 
     @property
     def is_lora(self) -> bool:

@@ -87,7 +87,8 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, fmt: str, max_len: int):
                 tokens = (p + c)[:max_len]
                 ids.append(tokens)
                 labels.append(([IGNORE_INDEX] * len(p) + c)[:max_len])
-        return {"input_ids": ids, "labels": labels}
+        targets = [sum(label != IGNORE_INDEX for label in row[1:]) for row in labels]
+        return {"input_ids": ids, "labels": labels, "targets": targets}
 
     return encode
 
@@ -107,7 +108,7 @@ def tokenized_dataset(path: str, data_args: DataArguments, tokenizer: PreTrained
     else:
         distributed.barrier()
         out = run()
-    out = out.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]))
+    out = out.filter(lambda row: row["targets"] > 0)
     if len(out) == 0:
         raise ConfigError(f"{path}: no example has a target token after tokenization")
     return out

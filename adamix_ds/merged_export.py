@@ -54,20 +54,20 @@ def _owners(entries, world: int) -> list[int]:
     return owners
 
 
-def _folded_deltas(mixtures: MixtureSet) -> dict[str, tuple[torch.Tensor, bool]]:
+def folded_deltas(mixtures: MixtureSet) -> dict[str, tuple[torch.Tensor, bool]]:
+    """{base weight name: (averaged LoRA delta (out, in), stored transposed?)} for every target."""
     return {
         f"{t.name}.weight": (m.delta_weight().detach().float().cpu(), t.transposed)
         for t, m in zip(mixtures.targets, mixtures.mixtures)
     }
 
 
-def write_merged_model(model: nn.Module, mixtures: MixtureSet, directory: Path, tokenizer=None) -> Path:
-    """Collective: the full model with W + (alpha/r) B_bar A_bar, one safetensors shard per rank."""
+def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenizer=None) -> Path:
+    """Collective: the full model with each weight W + delta (see folded_deltas), one safetensors shard per rank."""
     rank, world = distributed.rank(), distributed.world_size()
     directory.mkdir(parents=True, exist_ok=True)
     entries = _saved_tensors(model)
     owners = _owners(entries, world)
-    deltas = _folded_deltas(mixtures)
     shard_name = f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
     shard = {}
     for (name, tensor), owner in zip(entries, owners):
@@ -107,7 +107,8 @@ def merge_and_export(model: nn.Module, mixtures: MixtureSet, output_dir: Path, t
             save_mixtures(merged, adapter_dir)
     out["adapter"] = str(adapter_dir)
     if mixtures.config.is_lora:
-        out["model"] = str(write_merged_model(model, merged, Path(output_dir) / "merged" / "model", tokenizer))
+        model_dir = Path(output_dir) / "merged" / "model"
+        out["model"] = str(write_merged_model(model, folded_deltas(merged), model_dir, tokenizer))
     else:
         logger.info("adapter methods have no folded full model (an adapter is not a weight delta); "
                     "serve base + merged/adapter")

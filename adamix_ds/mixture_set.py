@@ -44,6 +44,8 @@ class MixtureSet(nn.Module):
     @classmethod
     def inject(cls, model: nn.Module, config: MixtureConfig, seed: int = 0) -> "MixtureSet":
         """Resolve the config's targets on `model`, build the mixtures and attach them."""
+        if config.is_full:
+            raise ValueError("--method full trains the base itself; it has no mixtures to inject")
         mixtures = cls(config, resolve_targets(model, config), seed)
         mixtures.attach(model)
         return mixtures

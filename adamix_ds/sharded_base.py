@@ -49,8 +49,13 @@ def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
 
 
-def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed: int) -> ShardedBase:
-    """Build or load the base frozen, partitioned under ZeRO-3 (ceil(numel / W) elements per rank)."""
+def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed: int,
+              trainable: bool = False) -> ShardedBase:
+    """Build or load the base partitioned under ZeRO-3 (ceil(numel / W) elements per rank).
+
+    Frozen (the mixture methods), it gets the parameter coordinator here; trainable (--method full), a
+    DeepSpeed engine takes it over instead.
+    """
     from deepspeed.accelerator import get_accelerator
 
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
@@ -63,11 +68,12 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
 
         keep.append(HfDeepSpeedConfig(ds_config))  # transformers keeps only a weak reference
     model = _from_source(model_args, dtype, vocab_size)
-    model.requires_grad_(False)
-    if stage == 3:
-        keep.append(_attach_coordinator(model, ds_config))
-    else:
-        model.to(device)
+    if not trainable:
+        model.requires_grad_(False)
+        if stage == 3:
+            keep.append(_attach_coordinator(model, ds_config))
+        else:
+            model.to(device)
     return ShardedBase(model=model, stage=stage, device=device, _keepalive=keep)
 
 

@@ -1,0 +1,172 @@
+"""Training the mixtures beside a frozen (ZeRO-3 partitioned) base.
+
+One optimizer step, on every rank:
+  1. route: the router's step is set; every expert choice derives from (broadcast seed, step).
+  2. forward/backward per micro-batch: loss SUMS over target tokens (CE, and KL when the consistency
+     weight is on, from one forward of the doubled batch) are back-propagated into the replicated
+     mixtures; gradients accumulate across micro-batches.
+  3. one all-reduce of the statistics (target tokens, loss sums) and bucketed all-reduces of the
+     gradients; gradients are divided by the global token count, so the update is that of the token
+     mean over the whole global batch, whatever the split into ranks and micro-batches.
+  4. clipping, optimizer and schedule step (identical on every rank, so replicas stay identical).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+
+from . import distributed
+from .accounting import count_parameters
+from .config import ConfigError
+from .consistency import causal_lm_losses
+from .merged_export import merge_and_export
+from .mixture_set import MixtureSet
+from .optimization import build_optimizer, build_scheduler
+from .routing import RoutePlan
+from .train_checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .trainer import Trainer
+
+logger = logging.getLogger("adamix_ds")
+
+
+class MixtureTrainer(Trainer):
+    """AdaMix and single-module LoRA/adapter training: replicated mixtures, torch optimizer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        torch.manual_seed(self.seed)
+        self.mixtures = MixtureSet.inject(self.model, self.mixture_config, seed=self.seed).to(self.base.device)
+        distributed.broadcast_tensors(list(self.mixtures.parameters()))
+        self.parameter_count = count_parameters(self.model, self.mixtures)
+        self.params = list(self.mixtures.parameters())
+        self.optimizer = build_optimizer(self.params, self.ds_config["optimizer"])
+        self.scheduler = build_scheduler(self.optimizer, self.ds_config.get("scheduler"))
+        self.max_grad_norm = float(self.ds_config["gradient_clipping"])
+        if self.args.check_routes_every > 0 or self.args.save_routes:
+            self.mixtures.router.record = []
+        self.route_log = None
+        if self.args.save_routes:
+            route_dir = self.output_dir / "routes"
+            route_dir.mkdir(parents=True, exist_ok=True)
+            self.route_log = open(route_dir / f"rank-{distributed.rank()}.jsonl", "a")
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch (see the module docstring)."""
+        args, router = self.args, self.mixtures.router
+        consistency = args.consistency_weight > 0
+        router.step = self.step
+        self.seed_step()
+        self.model.train()
+        start = time.perf_counter()
+        stats = torch.zeros(3, dtype=torch.float64)
+        for micro in range(self.plan.accumulation):
+            batch = self.batch(self.step_rows(micro), self.train_data)
+            sums = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                    router=router, consistency=consistency, chunk_tokens=args.loss_chunk_tokens)
+            total = sums.lm + args.consistency_weight * sums.kl if consistency else sums.lm
+            total.backward()
+            stats += torch.tensor([sums.tokens, sums.lm.item(), sums.kl.item() if consistency else 0.0],
+                                  dtype=torch.float64)
+        stats = distributed.all_reduce_sum(stats).cpu()
+        distributed.all_reduce_gradients(self.params)
+        tokens = max(stats[0].item(), 1.0)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.div_(tokens)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        ).item()
+        if args.check_routes_every > 0 and self.step % args.check_routes_every == 0:
+            self._check_routes()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._flush_routes()
+        elapsed = time.perf_counter() - start
+        lm_loss, kl = stats[1].item() / tokens, stats[2].item() / tokens
+        return {
+            "train/loss": lm_loss + args.consistency_weight * kl,
+            "train/lm_loss": lm_loss,
+            "train/consistency_loss": kl,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "perf/step_time_s": elapsed,
+            "perf/tokens_per_s": stats[0].item() / elapsed,
+        }
+
+    def _check_routes(self) -> None:
+        """Compare a digest of this step's routes across ranks; stop naming the step if they differ."""
+        digests = distributed.all_gather_ints(RoutePlan(self.step, list(self.mixtures.router.record)).digest())
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"routes diverged between ranks at step {self.step} (digests by rank: {digests})")
+
+    def _flush_routes(self) -> None:
+        record = self.mixtures.router.record
+        if record is None:
+            return
+        if self.route_log is not None:
+            self.route_log.writelines(json.dumps(r) + "\n" for r in record)
+            self.route_log.flush()
+        record.clear()
+
+    def set_eval_mode(self, mode: str) -> None:
+        self.mixtures.router.set_eval_mode(mode)
+
+    def eval_sums(self, batch: dict) -> tuple[int, float]:
+        out = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                               chunk_tokens=self.args.loss_chunk_tokens)
+        return out.tokens, out.lm.item()
+
+    def evaluate(self) -> dict:
+        saved = self.mixtures.router.eval_mode
+        try:
+            return super().evaluate()
+        finally:
+            self.mixtures.router.set_eval_mode(saved)
+
+    def save(self) -> None:
+        if distributed.is_main():
+            state = TrainerState(step=self.step, routing_seed=self.seed,
+                                 consumed_examples=self.step * self.plan.global_batch)
+            path = save_checkpoint(self.output_dir, self.mixtures, self.optimizer, self.scheduler, state,
+                                   self.args.save_total_limit)
+            logger.info("saved checkpoint %s", path)
+        distributed.barrier()
+
+    def resume(self) -> None:
+        path = find_resume_checkpoint(self.output_dir, self.args.resume_from_checkpoint)
+        if path is None:
+            if self.args.resume_from_checkpoint == "auto":
+                logger.info("no checkpoint under %s; starting from step 0", self.output_dir)
+            return
+        state = load_checkpoint(path, self.mixtures, self.optimizer, self.scheduler)
+        if state.routing_seed != self.seed:
+            raise ConfigError(f"checkpoint {path} was trained with routing seed {state.routing_seed}, "
+                              f"this run has {self.seed}; pass --seed {state.routing_seed}")
+        self.step = state.step
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _replicated_state(self) -> list[torch.Tensor]:
+        """Mixture weights and every optimizer-state tensor: identical on all ranks by design."""
+        tensors = [p for _, p in self.mixtures.named_tensors()]
+        for param in self.params:
+            tensors.extend(torch.as_tensor(v) for _, v in sorted(self.optimizer.state[param].items()))
+        return tensors
+
+    def verify(self) -> None:
+        distributed.check_replicas_agree(self._replicated_state(), "mixture weights or optimizer states")
+
+    def export(self) -> dict:
+        return merge_and_export(self.model, self.mixtures, self.output_dir, self.tokenizer,
+                                self.model_args.model_name_or_path)
+
+    def close(self) -> None:
+        super().close()
+        if self.route_log is not None:
+            self.route_log.close()
