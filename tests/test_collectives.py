@@ -1,0 +1,81 @@
+"""Collectives on a real 2-process gloo group (torch.multiprocessing, no launcher): bucketed gradient
+all-reduce against an explicit sum, seed broadcast, replica checks; and the route-divergence error."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from adamix_ds import distributed
+
+from launching import free_port
+
+
+def _worker(rank, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        calls = []
+        original = dist.all_reduce
+
+        def counting(tensor, *a, **k):
+            calls.append(tensor.numel())
+            return original(tensor, *a, **k)
+
+        dist.all_reduce = counting
+        g = torch.Generator().manual_seed(rank)
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 7, 3, 9)]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        local = [p.grad.clone() for p in params]
+        distributed.all_reduce_gradients(params, bucket_numel=12)
+        dist.all_reduce = original
+        seed = distributed.broadcast_int(1000 + rank)
+        same = distributed.tensor_digest([torch.ones(3)])
+        distributed.check_replicas_agree([torch.ones(3)], "ones")
+        try:
+            distributed.check_replicas_agree([torch.full((3,), float(rank))], "rank-valued tensors")
+            diverged = None
+        except RuntimeError as error:
+            diverged = str(error)
+        queue.put((rank, calls, [p.grad.tolist() for p in params], [t.tolist() for t in local], seed, same, diverged))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bucketed_all_reduce_seed_broadcast_and_replica_check():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r[0], r[1:]) for r in (queue.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (calls0, grads0, local0, seed0, same0, div0), (calls1, grads1, local1, seed1, same1, div1) = results[0], results[1]
+    # 4 tensors of 5, 7, 3, 9 elements in buckets of at most 12: [5, 7], [3, 9] -> 2 calls, not 4.
+    assert calls0 == calls1 == [12, 12]
+    for g0, g1, a, b in zip(grads0, grads1, local0, local1):
+        expected = torch.tensor(a) + torch.tensor(b)
+        torch.testing.assert_close(torch.tensor(g0), expected)
+        torch.testing.assert_close(torch.tensor(g1), expected)
+    assert seed0 == seed1 == 1000
+    assert same0 == same1
+    assert div0 is not None and "rank-valued tensors differ between ranks" in div0 and div1 is not None
+
+
+def test_route_divergence_names_the_step(monkeypatch):
+    from adamix_ds.mixture_trainer import MixtureTrainer
+
+    trainer = MixtureTrainer.__new__(MixtureTrainer)
+    trainer.step = 17
+    trainer.mixtures = type("M", (), {"router": type("R", (), {"record": [(17, 0, 0, 0, 1)]})()})()
+    monkeypatch.setattr(distributed, "all_gather_ints", lambda value: [value, value + 1])
+    with pytest.raises(RuntimeError, match="routes diverged between ranks at step 17"):
+        trainer._check_routes()
+    monkeypatch.setattr(distributed, "all_gather_ints", lambda value: [value, value])
+    trainer._check_routes()
