@@ -80,7 +80,13 @@ def _merge(config: dict, key: str, arg_name: str, arg_value, default=None, where
 
 
 def bf16_supported() -> bool:
+    """bf16 "auto" turns on only where it is fast: a CUDA device with bf16 support."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def bf16_possible() -> bool:
+    """An explicit "enabled": true also runs on the CPU (slowly), e.g. to check the bf16 path without a GPU."""
+    return bf16_supported() or not torch.cuda.is_available()
 
 
 def resolve_ds_config(
@@ -115,7 +121,7 @@ def resolve_ds_config(
             section["enabled"] = precision == "bf16" and bf16_supported()
     if config["fp16"]["enabled"]:
         raise ConfigError("fp16 is not supported (mixtures train in fp32 beside the base); use bf16 or fp32")
-    if config["bf16"]["enabled"] and not bf16_supported():
+    if config["bf16"]["enabled"] and not bf16_possible():
         raise ConfigError("the DeepSpeed config enables bf16 but this device does not support it; set it to \"auto\"")
 
     zero = config.setdefault("zero_optimization", {"stage": 3})
