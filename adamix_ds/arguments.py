@@ -84,19 +84,23 @@ class TrainArguments:
     merge_at_end: bool = field(default=True, metadata={"help": "Write merged adapter and model after training."})
 
 
+DEFAULT_RUN = Path(__file__).resolve().parent / "resources" / "default_run.json"
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, MixtureConfig, TrainArguments)
 
 
 def parse_arguments(argv: list[str] | None = None):
     """(model, data, mixture, train) arguments from the command line and an optional --config run file.
 
-    A run file (JSON) supplies defaults; options on the command line override it.
+    A run file (JSON) supplies defaults; options on the command line override it. Without --data_path
+    and --config, the embedded default run (resources/default_run.json, on the shipped task) applies.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     parser.add_argument("--config", default=None, help="A JSON run file whose keys are any of these options.")
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; unused.")
     known, _ = parser.parse_known_args(argv)
+    if known.config is None and known.data_path is None:
+        known.config = str(DEFAULT_RUN)
     if known.config:
         path = Path(known.config)
         try:

@@ -7,6 +7,7 @@ at the exact example where it stopped.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -16,21 +17,27 @@ import datasets
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from . import distributed
+from . import default_task, distributed
 from .arguments import DataArguments, ModelArguments
 from .config import ConfigError
 from .consistency import IGNORE_INDEX
 from .ds_config import BatchPlan
+from .tiny_models import is_builtin
 
+logger = logging.getLogger(__name__)
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 FORMATS = ("auto", "text", "prompt_completion")
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
-    """The model directory's tokenizer, another tokenizer directory, or a sentencepiece .model file."""
+    """The model directory's tokenizer, another tokenizer directory, or a sentencepiece .model file.
+
+    A built-in model (tiny:*, small:*) without --tokenizer_name_or_path gets the embedded default task's
+    sentencepiece model, trained on its shipped text once and cached.
+    """
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
-    if source.startswith("tiny:"):
-        raise ConfigError("--model_name_or_path tiny:* has no tokenizer; pass --tokenizer_name_or_path")
+    if is_builtin(source):
+        source = default_task.tokenizer_model()
     if source.endswith(".model"):
         if not Path(source).is_file():
             raise ConfigError(f"--tokenizer_name_or_path {source}: file not found")
@@ -117,7 +124,10 @@ def tokenized_dataset(path: str, data_args: DataArguments, tokenizer: PreTrained
 def train_eval_datasets(data_args: DataArguments, tokenizer, seed: int):
     """(train, eval or None): eval from --eval_data_path or a seeded --eval_split_ratio hold-out."""
     if data_args.data_path is None:
-        raise ConfigError("--data_path is required")
+        logger.info("no --data_path: the embedded default task (%s)", default_task.RESOURCES)
+        data_args.data_path = default_task.data_file("train")
+        if data_args.eval_data_path is None and not data_args.eval_split_ratio:
+            data_args.eval_data_path = default_task.data_file("validation")
     train = tokenized_dataset(data_args.data_path, data_args, tokenizer)
     if data_args.eval_data_path:
         return train, tokenized_dataset(data_args.eval_data_path, data_args, tokenizer)

@@ -26,6 +26,8 @@ class MergeArguments:
                                               "checkpoint directory."})
     output_dir: str = field(metadata={"help": "merged/adapter and merged/model are written under it."})
     deepspeed: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed config for the base."})
+    seed: int = field(default=42, metadata={"help": "The training --seed: a built-in (tiny:*, small:*) base is "
+                                                    "re-created from it."})
 
 
 def parse_merge_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, MergeArguments]:
@@ -48,15 +50,10 @@ def merge_checkpoint(model_args: ModelArguments, args: MergeArguments) -> dict[s
 def _merge(model_args: ModelArguments, args: MergeArguments) -> dict[str, str]:
     if not Path(args.checkpoint).is_dir():
         raise ConfigError(f"--checkpoint {args.checkpoint}: not a directory")
-    tokenizer = None
-    if model_args.tokenizer_name_or_path or not model_args.model_name_or_path.startswith("tiny:"):
-        tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer(model_args)
     ds_config, _ = resolve_ds_config(load_ds_config(args.deepspeed), TrainArguments(), distributed.world_size(),
                                      steps_for=lambda plan: 1)
-    vocab_size = len(tokenizer) if tokenizer is not None else None
-    if vocab_size is None and model_args.model_name_or_path.startswith("tiny:"):
-        raise ConfigError("merging a tiny:* base needs --tokenizer_name_or_path (it sets the vocabulary size)")
-    base = load_base(model_args, ds_config, vocab_size=vocab_size, seed=0)
+    base = load_base(model_args, ds_config, vocab_size=len(tokenizer), seed=args.seed)
     mixtures = load_mixtures(base.model, args.checkpoint).to(base.device)
     out = merge_and_export(base.model, mixtures, Path(args.output_dir), tokenizer, model_args.model_name_or_path)
     logger.info("merged outputs: %s", out)

@@ -19,10 +19,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from . import distributed
 from .arguments import ModelArguments
 from .config import ConfigError
-from .tiny_models import TINY_CONFIGS, tiny_config
+from .tiny_models import builtin_config, is_builtin
 
 logger = logging.getLogger(__name__)
-TINY_PREFIX = "tiny:"
 
 
 @dataclass
@@ -41,11 +40,12 @@ class ShardedBase:
 
 def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int) -> PreTrainedModel:
     name = model_args.model_name_or_path
-    if name.startswith(TINY_PREFIX):
-        family = name[len(TINY_PREFIX):]
-        if family not in TINY_CONFIGS:
-            raise ConfigError(f"--model_name_or_path {name}: tiny families are {', '.join(sorted(TINY_CONFIGS))}")
-        return AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=vocab_size), dtype=dtype)
+    if is_builtin(name):
+        try:
+            config = builtin_config(name, vocab_size)
+        except ValueError as error:
+            raise ConfigError(f"--model_name_or_path: {error}") from error
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
 
 

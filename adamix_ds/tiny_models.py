@@ -21,12 +21,36 @@ TINY_CONFIGS = {
 }
 """Keyword arguments per model_type; every dropout is zero so that outputs are deterministic."""
 
+SMALL_CONFIGS = {
+    "llama": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, attention_dropout=0.0),
+}
+"""A few-million-parameter Llama for the embedded default run on a CPU (small:llama)."""
+
 
 def tiny_config(model_type: str, vocab_size: int = 128, **overrides) -> PretrainedConfig:
     if model_type not in TINY_CONFIGS:
         raise ValueError(f"no tiny config for {model_type!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
     special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, **special, **{**TINY_CONFIGS[model_type], **overrides})
+
+
+BUILTIN_SIZES = {"tiny": TINY_CONFIGS, "small": SMALL_CONFIGS}
+
+
+def is_builtin(name: str) -> bool:
+    """True for names like tiny:llama or small:llama (built from config, no files)."""
+    return name.split(":", 1)[0] in BUILTIN_SIZES and ":" in name
+
+
+def builtin_config(name: str, vocab_size: int) -> PretrainedConfig:
+    size, family = name.split(":", 1)
+    table = BUILTIN_SIZES[size]
+    if family not in table:
+        known = ", ".join(f"{s}:{f}" for s, t in BUILTIN_SIZES.items() for f in sorted(t))
+        raise ValueError(f"no built-in model {name!r}; known: {known}")
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return AutoConfig.for_model(family, vocab_size=vocab_size, **special, **table[family])
 
 
 def tiny_model(model_type: str, vocab_size: int = 128, seed: int = 0, **overrides) -> PreTrainedModel:

@@ -163,6 +163,8 @@ class Trainer:
         self.resume()
         if distributed.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.step == 0 and args.eval_steps > 0:
+            self._log(self.evaluate())
         while self.step < self.total_steps:
             metrics = self.train_step()
             self.step += 1
@@ -178,13 +180,20 @@ class Trainer:
         self.verify()
         self.save()
         merged = self.export() if args.merge_at_end else {}
-        if merged:
-            logger.info("merged outputs: %s", merged)
         summary = {"final_step": self.step, "final_eval": final, "merged": merged,
                    "parameters": self.parameter_count.to_dict()}
         self._write_run_json(summary)
         self.close()
+        self._report_outputs(merged)
         return summary
+
+    def _report_outputs(self, merged: dict) -> None:
+        lines = [f"checkpoints: {self.output_dir / 'checkpoints'}"]
+        if self.writer is not None:
+            lines.append(f"tensorboard: {self.writer.log_dir}  (tensorboard --logdir {self.writer.log_dir})")
+        lines += [f"merged {kind}: {path}" for kind, path in merged.items()]
+        lines.append(f"run record: {self.output_dir / 'run.json'}")
+        logger.info("outputs:\n  %s", "\n  ".join(lines))
 
     def close(self) -> None:
         if self.writer is not None:
