@@ -34,15 +34,23 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: Optional[str] = field(default=None, metadata={"help": "Training data: a jsonl/json/csv/parquet/txt file."})
+    data_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Training data: a jsonl/json/csv/parquet/txt file, a save_to_disk directory or a hub "
+                  "dataset name. Without it, the embedded default run applies."},
+    )
     data_format: str = field(
-        default="auto", metadata={"help": "auto, text, or prompt_completion (loss on the completion only)."}
+        default="auto",
+        metadata={"help": "auto, text, prompt_completion (loss on the completion only) or chat (a messages "
+                  "column rendered with the tokenizer's chat template; loss on assistant turns only)."},
     )
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same formats."})
     eval_split_ratio: float = field(
         default=0.0, metadata={"help": "Hold out this fraction of the training data for evaluation (fixed seed)."}
     )
     max_seq_length: int = field(default=512, metadata={"help": "Tokens per example; longer ones are truncated."})
+    drop_long: bool = field(default=False, metadata={"help": "Drop examples longer than max_seq_length instead."})
+    packing: bool = field(default=False, metadata={"help": "Pack text-format examples into full blocks."})
 
 
 @dataclass

@@ -11,7 +11,7 @@ from transformers import HfArgumentParser
 from . import distributed
 from .arguments import ModelArguments, TrainArguments
 from .config import ConfigError
-from .data import load_tokenizer
+from .tokenizer_loading import load_tokenizer
 from .ds_config import load_ds_config, resolve_ds_config
 from .merged_export import merge_and_export
 from .mixture_checkpoint import load_mixtures

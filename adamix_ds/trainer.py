@@ -20,7 +20,9 @@ from . import distributed
 from .accounting import ParameterCount
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .config import EVAL_MODES, ConfigError, MixtureConfig
-from .data import StepSampler, collate, load_tokenizer, train_eval_datasets
+from .batching import StepSampler, collate
+from .tokenization import train_eval_datasets
+from .tokenizer_loading import load_tokenizer
 from .ds_config import BatchPlan, load_ds_config, resolve_ds_config
 from .routing import counter_hash
 from .sharded_base import load_base
