@@ -89,6 +89,8 @@ class TrainArguments:
         default=False, metadata={"help": "Write every route taken to OUTPUT_DIR/routes/rank-R.jsonl (audits)."}
     )
     loss_chunk_tokens: int = field(default=1024, metadata={"help": "Target tokens per chunk of the output projection."})
+    num_samples: int = field(default=4, metadata={"help": "Generate for this many held-out prompts at the end."})
+    sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample."})
     merge_at_end: bool = field(default=True, metadata={"help": "Write merged adapter and model after training."})
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from . import distributed
 from .accounting import ParameterCount
@@ -24,6 +25,7 @@ from .batching import StepSampler, collate
 from .tokenization import train_eval_datasets
 from .tokenizer_loading import load_tokenizer
 from .ds_config import BatchPlan, load_ds_config, resolve_ds_config
+from .generation import complete, prompt_of
 from .routing import counter_hash
 from .sharded_base import load_base
 
@@ -182,18 +184,42 @@ class Trainer:
         self.verify()
         self.save()
         merged = self.export() if args.merge_at_end else {}
-        summary = {"final_step": self.step, "final_eval": final, "merged": merged,
+        samples = self.write_samples()
+        summary = {"final_step": self.step, "final_eval": final, "merged": merged, "samples": samples,
                    "parameters": self.parameter_count.to_dict()}
         self._write_run_json(summary)
         self.close()
         self._report_outputs(merged)
         return summary
 
+    def write_samples(self) -> list[dict]:
+        """Greedy generations for the first --num_samples held-out prompts (every rank generates together)."""
+        if self.args.num_samples <= 0 or self.eval_data is None:
+            return []
+        self.model.eval()
+        rows = [prompt_of(self.eval_data[i]) for i in range(min(self.args.num_samples, len(self.eval_data)))]
+        config = GenerationConfig(max_new_tokens=self.args.sample_max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        texts = complete(self.model, self.tokenizer, [p for p, _ in rows], config,
+                         synced=distributed.world_size() > 1)
+        decode = self.tokenizer.decode
+        samples = [{"prompt": decode(p, skip_special_tokens=True), "reference": decode(r, skip_special_tokens=True),
+                    "generated": text} for (p, r), text in zip(rows, texts)]
+        if distributed.is_main():
+            path = self.output_dir / "samples.jsonl"
+            path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+            for sample in samples:
+                logger.info("sample: %s\n  generated: %s\n  reference: %s", sample["prompt"], sample["generated"],
+                            sample["reference"])
+        return samples
+
     def _report_outputs(self, merged: dict) -> None:
         lines = [f"checkpoints: {self.output_dir / 'checkpoints'}"]
         if self.writer is not None:
             lines.append(f"tensorboard: {self.writer.log_dir}  (tensorboard --logdir {self.writer.log_dir})")
         lines += [f"merged {kind}: {path}" for kind, path in merged.items()]
+        if self.args.num_samples > 0 and self.eval_data is not None:
+            lines.append(f"samples: {self.output_dir / 'samples.jsonl'}")
         lines.append(f"run record: {self.output_dir / 'run.json'}")
         logger.info("outputs:\n  %s", "\n  ".join(lines))
 

@@ -18,5 +18,7 @@ def test_default_run_end_to_end(tmp_path):
     assert (tmp_path / "merged" / "adapter" / "adapter_model.safetensors").is_file()
     index = json.loads((tmp_path / "merged" / "model" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
-    for where in ("checkpoints:", "tensorboard:", "merged adapter:", "merged model:", "run record:"):
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(s["prompt"].endswith("=>") and s["generated"] for s in samples)
+    for where in ("checkpoints:", "tensorboard:", "merged adapter:", "merged model:", "samples:", "run record:"):
         assert where in proc.stdout

@@ -1,6 +1,7 @@
 """The trainer on ZeRO-3 through the real launcher: 2 ranks against 1, accumulation, routes, replicas,
 resume, and the shard-aware merged checkpoint. Few launches, many checks per launch."""
 
+import json
 import math
 import shutil
 
@@ -136,3 +137,25 @@ def test_merge_job_on_a_checkpoint_writes_the_same_model(runs, workspace, tmp_pa
     _assert_close_weights(ours, theirs, 0)
     assert (tmp_path / "merged" / "model" / "tokenizer_config.json").is_file()
     assert (tmp_path / "merged" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_generate_from_merged_model_and_from_checkpoint(runs, workspace, tmp_path):
+    from adamix_ds.arguments import ModelArguments
+    from adamix_ds.generation import GenerateArguments, complete, decoding_config, load_for_generation
+
+    prompt = "name[Zizzi] food[Italian] area[riverside] rating[high] =>"
+    out_file = tmp_path / "gen.jsonl"
+    run_entry("generate.py", ["--model_path", str(runs["two_ranks"] / "merged" / "model"), "--prompt", prompt,
+                              "--max_new_tokens", "12", "--output_file", str(out_file)])
+    written = [json.loads(line) for line in out_file.read_text().splitlines()]
+    args = GenerateArguments(model_path=str(runs["two_ranks"] / "merged" / "model"), max_new_tokens=12)
+    model, tokenizer = load_for_generation(ModelArguments(), args)
+    expected = complete(model, tokenizer, [tokenizer(prompt)["input_ids"]], decoding_config(args, tokenizer))
+    assert written == [{"prompt": prompt, "completion": expected[0]}]
+    checkpoint = GenerateArguments(model_path=str(runs["two_ranks"] / "checkpoints" / f"step-{STEPS}"),
+                                   eval_mode="random", max_new_tokens=12)
+    model, tokenizer = load_for_generation(ModelArguments(model_name_or_path=str(workspace.base)), checkpoint)
+    assert len(complete(model, tokenizer, [tokenizer(prompt)["input_ids"]], decoding_config(checkpoint, tokenizer))) == 1
+    proc = run_entry("generate.py", ["--model_path", str(runs["two_ranks"] / "checkpoints" / f"step-{STEPS}"),
+                                     "--prompt", prompt], check=False)
+    assert proc.returncode == 2 and "needs --model_name_or_path" in proc.stderr
