@@ -26,7 +26,7 @@ from .merged_export import write_merged_model
 from .optimization import build_optimizer, build_scheduler
 from .sharded import full_numel
 from .train_checkpoint import (
-    COMPLETE_MARKER, STATE_NAME, TrainerState, checkpoints_dir, complete_checkpoints, find_resume_checkpoint,
+    COMPLETE_MARKER, STATE_NAME, TrainerState, checkpoints_dir, find_resume_checkpoint, prune_checkpoints,
 )
 from .trainer import Trainer
 
@@ -117,9 +117,7 @@ class FullTrainer(Trainer):
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            if self.args.save_total_limit:
-                for old in complete_checkpoints(self.output_dir)[:-self.args.save_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(self.output_dir, self.args.save_total_limit, final)
             logger.info("saved checkpoint %s", final)
         distributed.barrier()
 
@@ -127,8 +125,10 @@ class FullTrainer(Trainer):
         path = find_resume_checkpoint(self.output_dir, self.args.resume_from_checkpoint)
         if path is None:
             return
+        state = TrainerState(**json.loads((path / STATE_NAME).read_text())["trainer"])
+        state.check_continues(path, self.seed, self.plan.global_batch)
         self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        self.step = json.loads((path / STATE_NAME).read_text())["trainer"]["step"]
+        self.step = state.step
         logger.info("resumed from %s at step %d", path, self.step)
 
     def export(self) -> dict:

@@ -62,7 +62,10 @@ def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
     else:
         raise ConfigError(f"--model_path {path}: neither a merged model (config.json) nor a mixture checkpoint "
                           f"({CONFIG_NAME})")
-    model.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    if (path / CONFIG_NAME).is_file():
+        mixtures.to(device)  # the mixtures live outside the model's module tree
     return model, tokenizer
 
 

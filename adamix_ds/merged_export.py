@@ -67,6 +67,10 @@ def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenize
     rank, world = distributed.rank(), distributed.world_size()
     directory.mkdir(parents=True, exist_ok=True)
     entries = _saved_tensors(model)
+    lost = sorted(set(deltas) - {name for name, _ in entries})
+    if lost:
+        raise ValueError(f"merged weights {lost} are not saved under their own name (tied to another weight?); "
+                         "their LoRA delta would be lost")
     owners = _owners(entries, world)
     shard_name = f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
     shard = {}

@@ -55,7 +55,7 @@ class MixtureSet(nn.Module):
         return bool(self._handles)
 
     def attach(self, model: nn.Module) -> None:
-        """Hook every mixture onto its target module of `model` (and count the model's forwards)."""
+        """Hook every mixture onto its target module of `model` (and count the decoder's forwards)."""
         if self.attached:
             raise RuntimeError("this MixtureSet is already attached; detach() it first")
         modules = dict(model.named_modules())
@@ -65,7 +65,9 @@ class MixtureSet(nn.Module):
         hook = self._lora_hook if self.config.is_lora else self._adapter_hook
         for slot, target in enumerate(self.targets):
             self._handles.append(modules[target.name].register_forward_hook(hook(slot)))
-        self._handles.append(model.register_forward_pre_hook(self.router.count_forward))
+        # The decoder runs once per forward, whether called through the model or by causal_lm_losses.
+        decoder = getattr(model, "base_model", model)
+        self._handles.append(decoder.register_forward_pre_hook(self.router.count_forward))
 
     def detach(self) -> None:
         for handle in self._handles:

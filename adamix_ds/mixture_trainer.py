@@ -21,7 +21,6 @@ import torch
 
 from . import distributed
 from .accounting import count_parameters
-from .config import ConfigError
 from .consistency import causal_lm_losses
 from .merged_export import merge_and_export
 from .mixture_set import MixtureSet
@@ -146,9 +145,7 @@ class MixtureTrainer(Trainer):
                 logger.info("no checkpoint under %s; starting from step 0", self.output_dir)
             return
         state = load_checkpoint(path, self.mixtures, self.optimizer, self.scheduler)
-        if state.routing_seed != self.seed:
-            raise ConfigError(f"checkpoint {path} was trained with routing seed {state.routing_seed}, "
-                              f"this run has {self.seed}; pass --seed {state.routing_seed}")
+        state.check_continues(path, self.seed, self.plan.global_batch)
         self.step = state.step
         logger.info("resumed from %s at step %d", path, self.step)
 

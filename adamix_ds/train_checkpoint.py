@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
 OUTPUT_DIR/checkpoints/step-N/ holds the mixtures (mixture_checkpoint format), the optimizer state
-(safetensors), and trainer_state.json (step, schedule, routing seed, data position, RNG state).
+(safetensors), and trainer_state.json (step, schedule, routing seed, data position). No RNG state is
+needed: routes and dropout seeds are functions of (seed, step, rank).
 Rank 0 writes into a temporary directory, adds a COMPLETE marker, and renames it into place, so a
 kill during a save never leaves a directory that resume would pick.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import ConfigError
 from .mixture_checkpoint import WEIGHTS_NAME, check_config_matches, load_state_strict, read_mixture_config, save_mixtures
 from .mixture_set import MixtureSet
 
@@ -34,6 +36,17 @@ class TrainerState:
     step: int
     routing_seed: int
     consumed_examples: int
+
+    def check_continues(self, path, seed: int, global_batch: int) -> None:
+        """Refuse to continue with another seed or batch plan: routes or data order would silently change."""
+        if self.routing_seed != seed:
+            raise ConfigError(f"checkpoint {path} was trained with --seed {self.routing_seed}, this run has {seed}")
+        if self.consumed_examples != self.step * global_batch:
+            raise ConfigError(
+                f"checkpoint {path} consumed {self.consumed_examples} examples in {self.step} steps "
+                f"({self.consumed_examples // max(self.step, 1)} per step); this run's global batch is {global_batch}. "
+                "Resume with the same micro-batch x accumulation x ranks"
+            )
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -78,10 +91,17 @@ def save_checkpoint(output_dir, mixtures: MixtureSet, optimizer, scheduler, stat
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    if keep:
-        for old in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(output_dir, keep, final)
     return final
+
+
+def prune_checkpoints(output_dir, keep: int | None, written: Path) -> None:
+    """Keep the newest `keep` complete checkpoints, and never the one just written."""
+    if not keep:
+        return
+    for old in complete_checkpoints(output_dir)[:-keep]:
+        if old != written:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def complete_checkpoints(output_dir) -> list[Path]:

@@ -1,0 +1,82 @@
+"""Training-checkpoint rules that need no launch: pruning, refusing a changed run, optimizer round trip."""
+
+import pytest
+import torch
+
+from adamix_ds import MixtureConfig, MixtureSet, causal_lm_losses
+from adamix_ds.config import ConfigError
+from adamix_ds.train_checkpoint import (
+    COMPLETE_MARKER, TrainerState, complete_checkpoints, find_resume_checkpoint, load_checkpoint, prune_checkpoints,
+    save_checkpoint,
+)
+
+from conftest import batch, make_model, randomize
+
+
+def _fake_checkpoint(root, step, complete=True):
+    path = root / "checkpoints" / f"step-{step}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / COMPLETE_MARKER).write_text("ok\n")
+    return path
+
+
+def test_auto_resume_ignores_incomplete_and_pruning_keeps_the_new_one(tmp_path):
+    for step in (10, 20):
+        _fake_checkpoint(tmp_path, step)
+    _fake_checkpoint(tmp_path, 30, complete=False)
+    assert find_resume_checkpoint(tmp_path, "auto").name == "step-20"
+    written = _fake_checkpoint(tmp_path, 15)  # a resumed run saving below an abandoned step-20
+    prune_checkpoints(tmp_path, 1, written)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-15", "step-20"]
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-30"))
+
+
+def test_a_changed_seed_or_batch_plan_is_refused():
+    state = TrainerState(step=10, routing_seed=7, consumed_examples=160)
+    state.check_continues("ckpt", seed=7, global_batch=16)
+    with pytest.raises(ConfigError, match="trained with --seed 7, this run has 8"):
+        state.check_continues("ckpt", seed=8, global_batch=16)
+    with pytest.raises(ConfigError, match="16 per step\\); this run's global batch is 32"):
+        state.check_continues("ckpt", seed=7, global_batch=32)
+
+
+def test_optimizer_and_schedule_round_trip(tmp_path):
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    model = make_model("llama")
+    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=2), seed=3)
+    optimizer = torch.optim.AdamW(mixtures.parameters(), lr=0.01)
+    scheduler = WarmupLR(optimizer, warmup_max_lr=0.01, warmup_num_steps=5, warmup_type="linear")
+    model.train()
+    for step in range(3):
+        mixtures.router.step = step
+        causal_lm_losses(model, batch(), batch(), router=mixtures.router).mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    save_checkpoint(tmp_path, mixtures, optimizer, scheduler, TrainerState(3, 3, 12), keep=2)
+    fresh_model = make_model("llama")
+    fresh = MixtureSet.inject(fresh_model, MixtureConfig(num_experts=2), seed=3)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.01)
+    fresh_sched = WarmupLR(fresh_opt, warmup_max_lr=0.01, warmup_num_steps=5, warmup_type="linear")
+    state = load_checkpoint(tmp_path / "checkpoints" / "step-3", fresh, fresh_opt, fresh_sched)
+    assert state == TrainerState(3, 3, 12)
+    assert fresh_sched.last_batch_iteration == scheduler.last_batch_iteration
+    for p, q in zip(mixtures.parameters(), fresh.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(optimizer.state[p][key], fresh_opt.state[q][key], rtol=0, atol=0)
+
+
+def test_random_eval_draws_anew_on_every_evaluation_forward():
+    model = make_model("llama")
+    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4, share="none"), seed=2)
+    randomize(mixtures)
+    mixtures.router.set_eval_mode("random")
+    model.eval()
+    with torch.no_grad():
+        losses = {causal_lm_losses(model, batch(), batch()).mean().item() for _ in range(4)}
+    assert len(losses) > 1
+    assert mixtures.router.forwards == 4
