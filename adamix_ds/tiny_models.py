@@ -13,6 +13,7 @@ TINY_CONFIGS = {
     "mistral": {**_LLAMA_LIKE, "sliding_window": None},
     "qwen2": {**_LLAMA_LIKE, "use_sliding_window": False},
     "qwen3": {**_LLAMA_LIKE, "head_dim": 8, "use_sliding_window": False},
+    "gemma": {**_LLAMA_LIKE, "head_dim": 8},
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0),

@@ -15,6 +15,7 @@ from conftest import make_model
         ("qwen2", {"self_attn.q_proj", "self_attn.v_proj"}),
         ("qwen3", {"self_attn.q_proj", "self_attn.v_proj"}),
         ("phi", {"self_attn.q_proj", "self_attn.v_proj"}),
+        ("gemma", {"self_attn.q_proj", "self_attn.v_proj"}),
         ("gpt2", {"attn.c_attn"}),
         ("gpt_neox", {"attention.query_key_value"}),
     ],
