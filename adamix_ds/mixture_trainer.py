@@ -22,6 +22,7 @@ import torch
 from . import distributed
 from .accounting import count_parameters
 from .consistency import causal_lm_losses
+from .expert_diagnostics import expert_divergence, selection_counts
 from .merged_export import merge_and_export
 from .mixture_set import MixtureSet
 from .optimization import build_optimizer, build_scheduler
@@ -113,6 +114,9 @@ class MixtureTrainer(Trainer):
             self.route_log.writelines(json.dumps(r) + "\n" for r in record)
             self.route_log.flush()
         record.clear()
+
+    def extra_metrics(self) -> dict:
+        return {**selection_counts(self.mixtures), **expert_divergence(self.mixtures)}
 
     def set_eval_mode(self, mode: str) -> None:
         self.mixtures.router.set_eval_mode(mode)

@@ -13,6 +13,7 @@ expert sees, exactly as a single large batch would be.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ class Router:
     passes: tuple = (0,)
     forwards: int = 0
     record: list | None = field(default=None, repr=False)
+    counts: collections.Counter = field(default_factory=collections.Counter, repr=False)
+    """Training choices per (slot, side, expert), for diagnostics; whoever reads them resets them."""
 
     def choose(self, slot: int, side: int, num_experts: int, training: bool, batch_size: int) -> Choice:
         """The experts for one module call: a list of indices, one per row group, or 'merged'/'ensemble'."""
@@ -116,6 +119,8 @@ class Router:
                     f"batch of {batch_size} rows cannot be split into {len(self.passes)} routing groups"
                 )
             choice = [train_expert(self.seed, self.step, p, slot, side, num_experts) for p in self.passes]
+            if num_experts > 1:
+                self.counts.update((slot, side, e) for e in choice)
             if self.record is not None:
                 self.record.extend((self.step, p, slot, side, e) for p, e in zip(self.passes, choice))
             return choice

@@ -26,6 +26,7 @@ from .tokenization import train_eval_datasets
 from .tokenizer_loading import load_tokenizer
 from .ds_config import BatchPlan, load_ds_config, resolve_ds_config
 from .generation import complete, prompt_of
+from .monitoring import Monitor, peak_memory_gb
 from .routing import counter_hash
 from .sharded_base import load_base
 
@@ -76,7 +77,7 @@ class Trainer:
         self.model = self.base.model
         self.step = 0
         self.history: list[dict] = []
-        self.writer = self._tensorboard()
+        self.monitor = Monitor(self.ds_config, self.output_dir, self.total_steps)
 
     # What a method provides.
     def train_step(self) -> dict:
@@ -116,15 +117,6 @@ class Trainer:
     def seed_step(self) -> None:
         torch.manual_seed(step_seed(self.seed, self.step, distributed.rank()))
 
-    def _tensorboard(self):
-        section = self.ds_config.get("tensorboard", {})
-        if not distributed.is_main() or not section.get("enabled", True):
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        root = Path(section.get("output_path") or self.output_dir / "tensorboard")
-        return SummaryWriter(log_dir=str(root / section.get("job_name", "")))
-
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Token-mean eval loss per mode; the eval set is split across ranks and the sums all-reduced."""
@@ -153,27 +145,30 @@ class Trainer:
             metrics[f"eval/{mode}/perplexity"] = math.exp(min(loss, 50.0))
         return metrics
 
+    def extra_metrics(self) -> dict:
+        """Method-specific scalars added at each logging step."""
+        return {}
+
     def _log(self, metrics: dict) -> None:
         self.history.append({"step": self.step, **metrics})
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, self.step)
-            self.writer.flush()
-        logger.info("step %d/%d %s", self.step, self.total_steps,
-                    " ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
+        self.monitor.log(self.step, metrics)
 
     def run(self) -> dict:
         args = self.args
         self.resume()
+        self.monitor.resumed_at(self.step)
         if distributed.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.monitor.hyperparameters(self._configuration())
         if self.step == 0 and args.eval_steps > 0:
             self._log(self.evaluate())
         while self.step < self.total_steps:
             metrics = self.train_step()
+            metrics["perf/peak_memory_gb"] = peak_memory_gb()
             self.step += 1
+            self.monitor.step_done(self.step, metrics)
             if self.step % max(args.logging_steps, 1) == 0 or self.step == self.total_steps:
-                self._log(metrics)
+                self._log({**metrics, **self.extra_metrics()})
             if args.eval_steps > 0 and self.step % args.eval_steps == 0 and self.step < self.total_steps:
                 self._log(self.evaluate())
             if args.save_steps > 0 and self.step % args.save_steps == 0 and self.step < self.total_steps:
@@ -215,8 +210,8 @@ class Trainer:
 
     def _report_outputs(self, merged: dict) -> None:
         lines = [f"checkpoints: {self.output_dir / 'checkpoints'}"]
-        if self.writer is not None:
-            lines.append(f"tensorboard: {self.writer.log_dir}  (tensorboard --logdir {self.writer.log_dir})")
+        if self.monitor.log_dir is not None:
+            lines.append(f"tensorboard: {self.monitor.log_dir}  (tensorboard --logdir {self.monitor.log_dir})")
         lines += [f"merged {kind}: {path}" for kind, path in merged.items()]
         if self.args.num_samples > 0 and self.eval_data is not None:
             lines.append(f"samples: {self.output_dir / 'samples.jsonl'}")
@@ -224,14 +219,23 @@ class Trainer:
         logger.info("outputs:\n  %s", "\n  ".join(lines))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.monitor.close()
 
     def _partition(self) -> dict:
         """Elements of each base weight held by this rank (ceil(numel / W) under ZeRO-3)."""
         return {
             name: (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel())
             for name, p in self.model.named_parameters()
+        }
+
+    def _configuration(self) -> dict:
+        """The resolved configuration of this run (run.json and TensorBoard's hyper-parameters)."""
+        return {
+            "arguments": {"model": asdict(self.model_args), "data": asdict(self.data_args),
+                          "mixture": self.mixture_config.to_dict(), "train": asdict(self.args)},
+            "deepspeed_config": self.ds_config,
+            "batch": asdict(self.plan) | {"global_batch": self.plan.global_batch},
+            "routing_seed": self.seed,
         }
 
     def _write_run_json(self, summary: dict) -> None:
@@ -243,11 +247,7 @@ class Trainer:
         from . import __version__
 
         record = {
-            "arguments": {"model": asdict(self.model_args), "data": asdict(self.data_args),
-                          "mixture": self.mixture_config.to_dict(), "train": asdict(self.args)},
-            "deepspeed_config": self.ds_config,
-            "batch": asdict(self.plan) | {"global_batch": self.plan.global_batch},
-            "routing_seed": self.seed,
+            **self._configuration(),
             "base_partition": {"world_size": distributed.world_size(), "zero_stage": self.base.stage,
                                "rank0_numel": self._partition()},
             "versions": {"adamix_ds": __version__, "torch": torch.__version__,

@@ -22,3 +22,29 @@ def test_default_run_end_to_end(tmp_path):
     assert len(samples) == 4 and all(s["prompt"].endswith("=>") and s["generated"] for s in samples)
     for where in ("checkpoints:", "tensorboard:", "merged adapter:", "merged model:", "samples:", "run record:"):
         assert where in proc.stdout
+    _check_tensorboard(tmp_path / "tensorboard")
+
+
+def _check_tensorboard(directory):
+    """Read the event files back as TensorBoard does: the tags, and finite, decreasing losses."""
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/lm_loss", "train/consistency_loss", "train/lr", "train/grad_norm",
+                "perf/tokens_per_s", "perf/step_time_s", "perf/peak_memory_gb", "eval/merged/loss",
+                "eval/merged/perplexity", "eval/random/loss", "eval/random/perplexity",
+                "experts/divergence/layer_0", "experts/selection_count/layer_0/down/expert_0"}
+    assert expected <= scalars, expected - scalars
+    assert "hyperparameters/text_summary" in events.Tags()["tensors"]
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert len(losses) == 15 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    evals = [e.value for e in events.Scalars("eval/merged/loss")]
+    assert evals == sorted(evals, reverse=True)
+    counts = sum(e.value for tag in scalars if tag.startswith("experts/selection_count/layer_0/down/")
+                 for e in events.Scalars(tag))
+    assert counts == 150 * 2 * 2  # q and v of layer 0, one draw per pass (two with consistency) per step

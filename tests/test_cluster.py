@@ -1,0 +1,62 @@
+"""Cluster operation for real on this machine: a one-node SLURM cluster running slurm/train.sbatch and
+slurm/merge.sbatch with 2 tasks, and a 2-process mpirun launch through mpi4py discovery."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+from safetensors.torch import load_file
+
+from launching import REPO, cpu_env, run_record, train_losses
+from slurm_cluster import missing_binaries, single_node_cluster
+
+TRAIN = ["--model_name_or_path", "tiny:llama", "--max_steps", "4", "--max_seq_length", "64",
+         "--eval_steps", "2", "--num_samples", "1", "--per_device_train_batch_size", "2", "--logging_steps", "1"]
+
+
+def _sbatch(env, script, tmp_path, args):
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+         f"--chdir={REPO}", f"--output={tmp_path}/slurm-%j.out", str(REPO / "slurm" / script), *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    job = proc.stdout.strip().split(";")[0]
+    log = next(tmp_path.glob(f"slurm-{job}.out"), None)
+    assert proc.returncode == 0, f"{script} failed ({proc.stderr}):\n{log.read_text()[-5000:] if log else ''}"
+    state = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    assert re.search(r"JobState=COMPLETED", state), state
+    return job, log.read_text()
+
+
+@pytest.mark.skipif(bool(missing_binaries()), reason=f"SLURM/munge not installed ({missing_binaries()}); "
+                                                     ".ci/run installs slurm-wlm and munge")
+def test_slurm_train_and_merge_jobs(tmp_path):
+    env_base = cpu_env(OUTPUT_ROOT=str(tmp_path / "runs"))
+    with single_node_cluster(tmp_path / "cluster") as cluster_env:
+        env = {**env_base, "SLURM_CONF": cluster_env["SLURM_CONF"]}
+        job, log = _sbatch(env, "train.sbatch", tmp_path, TRAIN)
+        out = tmp_path / "runs" / f"adamix-{job}"
+        assert "2 tasks on 1 node(s)" in log
+        record = run_record(out)
+        assert record["base_partition"]["world_size"] == 2
+        assert sorted(train_losses(out)) == [1, 2, 3, 4]
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+        assert (out / "merged" / "model" / "model.safetensors.index.json").is_file()
+        merged = tmp_path / "merged"
+        _sbatch(env, "merge.sbatch", tmp_path, ["--checkpoint", str(out / "checkpoints" / "step-4"),
+                                                 "--model_name_or_path", "tiny:llama", "--output_dir", str(merged)])
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        ours, theirs = load_file(str(merged / "merged" / "model" / shard)), load_file(str(out / "merged" / "model" / shard))
+        assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no MPI launcher (pip install mpich mpi4py)")
+def test_mpirun_launch(tmp_path):
+    proc = subprocess.run(
+        ["mpiexec", "-n", "2", "python", str(REPO / "launch" / "train.py"), *TRAIN, "--output_dir", str(tmp_path)],
+        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert run_record(tmp_path)["base_partition"]["world_size"] == 2
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4]
