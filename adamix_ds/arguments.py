@@ -85,6 +85,9 @@ class TrainArguments:
     check_routes_every: int = field(
         default=0, metadata={"help": "Every K steps compare a digest of the routes across ranks (0 = off)."}
     )
+    max_nonfinite_steps: int = field(
+        default=5, metadata={"help": "Skip steps with a non-finite loss or gradient; stop after this many in a row."}
+    )
     save_routes: bool = field(
         default=False, metadata={"help": "Write every route taken to OUTPUT_DIR/routes/rank-R.jsonl (audits)."}
     )

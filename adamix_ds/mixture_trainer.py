@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 import torch
@@ -33,6 +34,10 @@ from .trainer import Trainer
 logger = logging.getLogger("adamix_ds")
 
 
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
 class MixtureTrainer(Trainer):
     """AdaMix and single-module LoRA/adapter training: replicated mixtures, torch optimizer."""
 
@@ -46,6 +51,7 @@ class MixtureTrainer(Trainer):
         self.optimizer = build_optimizer(self.params, self.ds_config["optimizer"])
         self.scheduler = build_scheduler(self.optimizer, self.ds_config.get("scheduler"))
         self.max_grad_norm = float(self.ds_config["gradient_clipping"])
+        self.nonfinite_in_a_row = 0
         if self.args.check_routes_every > 0 or self.args.save_routes:
             self.mixtures.router.record = []
         self.route_log = None
@@ -83,9 +89,14 @@ class MixtureTrainer(Trainer):
         if args.check_routes_every > 0 and self.step % args.check_routes_every == 0:
             self._check_routes()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        finite = math.isfinite(grad_norm) and bool(torch.isfinite(stats).all())
+        if finite:
+            self.nonfinite_in_a_row = 0
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        else:
+            self._skip_nonfinite()
         self.optimizer.zero_grad(set_to_none=True)
         self._flush_routes()
         elapsed = time.perf_counter() - start
@@ -98,7 +109,19 @@ class MixtureTrainer(Trainer):
             "train/grad_norm": grad_norm,
             "perf/step_time_s": elapsed,
             "perf/tokens_per_s": stats[0].item() / elapsed,
+            "train/skipped": 0.0 if finite else 1.0,
         }
+
+    def _skip_nonfinite(self) -> None:
+        """A non-finite loss or gradient (the same on every rank, after the all-reduce): no update; stop after
+        --max_nonfinite_steps in a row, so NaN never reaches the weights or a checkpoint."""
+        self.nonfinite_in_a_row += 1
+        limit = self.args.max_nonfinite_steps
+        logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, limit %d)",
+                       self.step + 1, self.nonfinite_in_a_row, limit)
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteTraining(f"stopping at step {self.step + 1}: {self.nonfinite_in_a_row} non-finite steps "
+                                    f"in a row (--max_nonfinite_steps {limit}); the last checkpoint is intact")
 
     def _check_routes(self) -> None:
         """Compare a digest of this step's routes across ranks; stop naming the step if they differ."""

@@ -23,6 +23,9 @@ def test_default_run_end_to_end(tmp_path):
     for where in ("checkpoints:", "tensorboard:", "merged adapter:", "merged model:", "samples:", "run record:"):
         assert where in proc.stdout
     _check_tensorboard(tmp_path / "tensorboard")
+    # Not a terminal: one line per logging step with the ETA, from rank 0 only.
+    lines = [line for line in proc.stdout.splitlines() if "train/loss=" in line]
+    assert len(lines) == 15 and all("eta=" in line and "[rank0]" in line for line in lines)
 
 
 def _check_tensorboard(directory):
