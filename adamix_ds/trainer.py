@@ -27,6 +27,7 @@ from .tokenizer_loading import load_tokenizer
 from .ds_config import BatchPlan, load_ds_config, resolve_ds_config
 from .generation import complete, prompt_of
 from .monitoring import Monitor, peak_memory_gb
+from .termination import TerminationRequest, TrainingInterrupted
 from .routing import counter_hash
 from .sharded_base import load_base
 
@@ -78,6 +79,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.monitor = Monitor(self.ds_config, self.output_dir, self.total_steps)
+        self.termination = TerminationRequest()
 
     # What a method provides.
     def train_step(self) -> dict:
@@ -169,6 +171,12 @@ class Trainer:
             self.monitor.step_done(self.step, metrics)
             if self.step % max(args.logging_steps, 1) == 0 or self.step == self.total_steps:
                 self._log({**metrics, **self.extra_metrics()})
+            if self.termination.agreed():
+                self.save()
+                self.close()
+                raise TrainingInterrupted(f"stopped by SIGTERM after step {self.step}; checkpoint saved under "
+                                          f"{self.output_dir / 'checkpoints'}; continue with "
+                                          "--resume_from_checkpoint auto")
             if args.eval_steps > 0 and self.step % args.eval_steps == 0 and self.step < self.total_steps:
                 self._log(self.evaluate())
             if args.save_steps > 0 and self.step % args.save_steps == 0 and self.step < self.total_steps:

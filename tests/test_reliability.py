@@ -56,3 +56,46 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
     for name in saved:
         weights = load_file(str(tmp_path / "checkpoints" / name / "mixtures.safetensors"))
         assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+def _train_args(out, steps):
+    return ["--model_name_or_path", "tiny:llama", "--max_steps", str(steps), "--max_seq_length", "48",
+            "--per_device_train_batch_size", "2", "--logging_steps", "1", "--num_samples", "0", "--eval_steps", "0",
+            "--merge_at_end", "false", "--save_steps", "1000", "--output_dir", str(out)]
+
+
+def test_sigterm_saves_and_the_requeued_run_continues_exactly(tmp_path):
+    import signal
+    import time
+
+    from launching import train_losses
+
+    steps = 40
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), *_train_args(tmp_path / "run", steps)],
+                            cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if f"step 3/{steps}" in line:
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.time()
+            break
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert proc.returncode == 143, output[-3000:]
+    assert time.time() - signalled < 60
+    assert "stopped by SIGTERM after step" in output
+    saved = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-")
+    stopped_at = int(saved[0].split("-")[1])
+    assert 3 <= stopped_at < steps
+    resumed = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"),
+                              *_train_args(tmp_path / "run", steps), "--resume_from_checkpoint", "auto"],
+                             cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *_train_args(tmp_path / "ref", steps)],
+                              cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0
+    after, reference = train_losses(tmp_path / "run"), train_losses(tmp_path / "ref")
+    assert sorted(after) == list(range(stopped_at + 1, steps + 1))
+    assert all(after[s] == reference[s] for s in after)
