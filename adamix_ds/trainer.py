@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from . import distributed
+from . import distributed, preflight
 from .accounting import ParameterCount
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .config import EVAL_MODES, ConfigError, MixtureConfig
@@ -62,6 +62,9 @@ class Trainer:
 
         self.seed = distributed.broadcast_int(args.seed)
         raw_ds_config = load_ds_config(args.deepspeed)
+        preflight.check_ds_keys(raw_ds_config, args.deepspeed)
+        preflight.check_output_dir(args.output_dir)
+        preflight.check_targets(model_args, mixture_config)
         self.tokenizer = load_tokenizer(model_args)
         self.train_data, self.eval_data = train_eval_datasets(data_args, self.tokenizer, self.seed)
         world = distributed.world_size()

@@ -1,8 +1,10 @@
 """Reliability: non-finite steps are skipped and bounded; nothing non-finite reaches a checkpoint."""
 
+import json
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from launching import REPO, cpu_env, run_record
@@ -99,3 +101,48 @@ def test_sigterm_saves_and_the_requeued_run_continues_exactly(tmp_path):
     after, reference = train_losses(tmp_path / "run"), train_losses(tmp_path / "ref")
     assert sorted(after) == list(range(stopped_at + 1, steps + 1))
     assert all(after[s] == reference[s] for s in after)
+
+
+def _typo_config(tmp_path):
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["train_micro_batch_size_per_gp"] = config.pop("train_micro_batch_size_per_gpu")
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("method", "--method='prefix' is not allowed"),
+        ("experts", "--num_experts=0 is not allowed: an integer >= 1"),
+        ("rank", "--lora_r=0 is not allowed: an integer > 0"),
+        ("targets", "--target_modules pattern 'qq_proj' matches no linear layer; linear layers: model.layers.*"),
+        ("ds_key", "unknown key 'train_micro_batch_size_per_gp'; did you mean 'train_micro_batch_size_per_gpu'?"),
+        ("ds_json", "not valid JSON"),
+        ("batch", "train_batch_size=5 but micro-batch 4 x accumulation 1 x 1 ranks = 4"),
+        ("output", "--output_dir"),
+    ],
+)
+def test_bad_configuration_fails_fast_with_one_line_and_code_2(case, message, tmp_path):
+    args = {"method": ["--method", "prefix"], "experts": ["--num_experts", "0"], "rank": ["--lora_r", "0"],
+            "targets": ["--target_modules", "qq_proj"], "ds_key": ["--deepspeed", _typo_config(tmp_path)]}.get(case, [])
+    if case == "ds_json":
+        (tmp_path / "bad.json").write_text('{"train_batch_size": 4,,}')
+        args = ["--deepspeed", str(tmp_path / "bad.json")]
+    if case == "batch":
+        config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+        config["train_batch_size"] = 5
+        (tmp_path / "batch.json").write_text(json.dumps(config))
+        args = ["--deepspeed", str(tmp_path / "batch.json"), "--per_device_train_batch_size", "4"]
+    output = tmp_path / "out"
+    if case == "output":
+        (tmp_path / "a_file").write_text("")
+        output = tmp_path / "a_file" / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--model_name_or_path", "tiny:llama",
+                           "--output_dir", str(output), *args], cwd=REPO, env=cpu_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("adamix_ds: error:") or "error:" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "tokenizing" not in proc.stderr + proc.stdout and "base parameters" not in proc.stdout

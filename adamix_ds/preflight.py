@@ -1,0 +1,68 @@
+"""Checks that run before any heavy work, identically on every rank: a bad option costs seconds, not a
+queue slot. Each failure is one ConfigError line naming the option, the value and what is allowed."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .arguments import ModelArguments
+from .config import ConfigError, MixtureConfig
+from .targets import resolve_targets
+from .tiny_models import builtin_config, is_builtin
+
+DEEPSPEED_KEYS = frozenset("""
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16 bfloat16
+amp torch_autocast gradient_clipping prescale_gradients gradient_predivide_factor sparse_gradients
+communication_data_type seq_parallel_communication_data_type zero_optimization zero_allow_untested_optimizer
+zero_force_ds_cpu_optimizer steps_per_print wall_clock_breakdown dump_state memory_breakdown flops_profiler
+activation_checkpointing aio tensorboard wandb csv_monitor comet comms_logger elasticity autotuning
+data_efficiency curriculum_learning compression_training checkpoint data_types dataloader_drop_last
+disable_allgather disable_python_gc gradient_allreduce_op hybrid_engine pipeline sparse_attention eigenvalue
+progressive_layer_drop quantize_training weight_quantization use_data_before_expert_parallelism
+vocabulary_size compile nebula timers graph_harvesting tensor_parallel legacy_fusion lower_precision_safe_modules
+managed_gradient_accumulation log_level zenflow mics_shard_size
+""".split())
+"""Top-level keys DeepSpeed reads (DeepSpeed silently ignores any other, so a typo would go unnoticed)."""
+
+
+def check_ds_keys(config: dict, path: str) -> None:
+    for key in config:
+        if key not in DEEPSPEED_KEYS:
+            close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--deepspeed {path}: unknown key {key!r}{hint}")
+
+
+def check_output_dir(output_dir: str) -> None:
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"--output_dir {output_dir}: not writable ({error.strerror or error})") from None
+
+
+def check_targets(model_args: ModelArguments, mixture: MixtureConfig) -> None:
+    """Resolve the mixture's targets on a weightless (meta-device) copy of the model: no download, no memory."""
+    if mixture.is_full:
+        return
+    name = model_args.model_name_or_path
+    if is_builtin(name):
+        try:
+            config = builtin_config(name, vocab_size=8)
+        except ValueError as error:
+            raise ConfigError(f"--model_name_or_path: {error}") from None
+    elif os.path.isdir(name):
+        config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    else:
+        return  # a hub name: checked when it is loaded
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    resolve_targets(model, mixture)
