@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,8 @@ class Monitor:
         if sys.stdout.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="training", dynamic_ncols=True)
+            width = shutil.get_terminal_size((100, 20)).columns  # a pseudo-terminal may report 0 columns
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="training", ncols=width, file=sys.stdout)
 
     @property
     def log_dir(self) -> str | None:

@@ -1,21 +1,44 @@
-"""On a terminal, rank 0 shows a tqdm progress bar with step, loss, tokens/s and the ETA."""
+"""Rank 0's progress: a tqdm bar with step, loss, tokens/s and ETA on a terminal, log lines elsewhere."""
 
-import shutil
-import subprocess
-import sys
+import io
+import logging
 
-import pytest
-
-from launching import REPO, cpu_env
+from adamix_ds import monitoring
 
 
-@pytest.mark.skipif(shutil.which("script") is None, reason="util-linux 'script' provides the pseudo-terminal")
-def test_progress_bar_on_a_terminal(tmp_path):
-    command = (f"{sys.executable} launch/train.py --model_name_or_path tiny:llama --max_steps 3 "
-               f"--max_seq_length 48 --per_device_train_batch_size 2 --num_samples 0 --eval_steps 0 "
-               f"--merge_at_end false --output_dir {tmp_path}")
-    proc = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=REPO, env=cpu_env(TERM="xterm"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    bar = [chunk for chunk in proc.stdout.replace("\r", "\n").splitlines() if chunk.startswith("training:")]
-    assert any("3/3" in chunk and "loss=" in chunk and "tok_s=" in chunk for chunk in bar), bar[-3:]
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _drive(monkeypatch, stream, caplog):
+    monkeypatch.setattr(monitoring.sys, "stdout", stream)
+    monitor = monitoring.Monitor({"tensorboard": {"enabled": False}}, output_dir=None, total_steps=4)
+    monitor.resumed_at(1)
+    with caplog.at_level(logging.INFO, logger="adamix_ds"):
+        for step in (2, 3, 4):
+            metrics = {"train/loss": 1.0 / step, "perf/tokens_per_s": 100.0 * step}
+            monitor.step_done(step, metrics)
+            if step % 2 == 0:
+                monitor.log(step, metrics)
+    monitor.close()
+    return monitor
+
+
+def test_bar_on_a_terminal(monkeypatch, caplog):
+    screen = Terminal()
+    monitor = _drive(monkeypatch, screen, caplog)
+    text = screen.getvalue()
+    assert monitor.bar is not None
+    assert "training: 100%" in text and "4/4" in text and "loss=0.2500" in text and "tok_s=400" in text
+    assert "step 2/4 eta=" in text and "step 4/4 eta=0s" in text  # metric lines printed above the bar
+    assert not caplog.records
+
+
+def test_log_lines_when_not_a_terminal(monkeypatch, caplog):
+    pipe = io.StringIO()
+    monitor = _drive(monkeypatch, pipe, caplog)
+    assert monitor.bar is None and pipe.getvalue() == ""
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" eta=")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert "train/loss=0.5" in lines[0]
