@@ -146,3 +146,43 @@ def test_bad_configuration_fails_fast_with_one_line_and_code_2(case, message, tm
     errors = [line for line in proc.stderr.splitlines() if line.startswith("adamix_ds: error:") or "error:" in line]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "tokenizing" not in proc.stderr + proc.stdout and "base parameters" not in proc.stdout
+
+
+def _rank_processes(launcher_pid):
+    import psutil
+
+    return [p for p in psutil.Process(launcher_pid).children(recursive=True)
+            if any("launch/train.py" in part for part in p.cmdline()) and "--local_rank=1" in p.cmdline()]
+
+
+def test_a_killed_rank_ends_the_job_and_resume_continues(tmp_path):
+    """SIGKILL one of 2 ranks mid-training: every process exits non-zero within 60 s; then
+    --resume_from_checkpoint auto continues from the last complete checkpoint."""
+    import signal
+    import time
+
+    from launching import free_port, train_losses
+
+    args = _train_args(tmp_path / "run", 400) + ["--save_steps", "2"]
+    launcher = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+                                 str(REPO / "launch" / "train.py"), *args], cwd=REPO, env=cpu_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in launcher.stdout:
+        if "saved checkpoint" in line and "step-4" in line:
+            break
+    victim = _rank_processes(launcher.pid)
+    assert victim, "rank 1 not found"
+    victim[0].send_signal(signal.SIGKILL)
+    killed = time.time()
+    launcher.communicate(timeout=90)
+    assert time.time() - killed < 60
+    assert launcher.returncode != 0
+    complete = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").iterdir()
+                      if p.name.startswith("step-") and (p / "COMPLETE").is_file())
+    assert complete and complete[-1] >= 4
+    resumed = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+                              str(REPO / "launch" / "train.py"), *_train_args(tmp_path / "run", complete[-1] + 2),
+                              "--resume_from_checkpoint", "auto"],
+                             cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert sorted(train_losses(tmp_path / "run")) == [complete[-1] + 1, complete[-1] + 2]
