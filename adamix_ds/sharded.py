@@ -26,6 +26,12 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None):
     """
     params = list(params)
     sharded = [p for p in params if is_partitioned(p)]
+    if sharded:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # A weight the ZeRO-3 coordinator already holds whole (its module ran and still counts it active) is
+        # used as it is: gathering it again would free it under the coordinator at the end of the block.
+        sharded = [p for p in sharded if p.ds_status != ZeroParamStatus.AVAILABLE]
     if not sharded:
         yield
         return

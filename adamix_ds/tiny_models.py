@@ -28,6 +28,18 @@ SMALL_CONFIGS = {
 }
 """A few-million-parameter Llama for the embedded default run on a CPU (small:llama)."""
 
+MEDIUM_CONFIGS = {
+    "llama": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, max_position_embeddings=2048, attention_dropout=0.0),
+}
+"""About 33M parameters with an 8k vocabulary: large enough that the base dominates a step (benchmarks on CPU)."""
+
+LARGE_CONFIGS = {
+    "llama": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=16, max_position_embeddings=4096, attention_dropout=0.0),
+}
+"""About 1B parameters with a 32k vocabulary (GPU benchmarks)."""
+
 
 def tiny_config(model_type: str, vocab_size: int = 128, **overrides) -> PretrainedConfig:
     if model_type not in TINY_CONFIGS:
@@ -36,7 +48,7 @@ def tiny_config(model_type: str, vocab_size: int = 128, **overrides) -> Pretrain
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, **special, **{**TINY_CONFIGS[model_type], **overrides})
 
 
-BUILTIN_SIZES = {"tiny": TINY_CONFIGS, "small": SMALL_CONFIGS}
+BUILTIN_SIZES = {"tiny": TINY_CONFIGS, "small": SMALL_CONFIGS, "medium": MEDIUM_CONFIGS, "large": LARGE_CONFIGS}
 
 
 def is_builtin(name: str) -> bool:

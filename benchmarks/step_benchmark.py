@@ -1,0 +1,248 @@
+"""Step time, tokens/s and memory: Hugging Face PEFT LoRA in a standard DeepSpeed ZeRO-3 engine beside
+adamix_ds's rows, in ONE run on the same machine, model, data and ZeRO-3 config; and the merge.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/step_benchmark.py            # CPU, 33M Llama
+    deepspeed benchmarks/step_benchmark.py --model large:llama --seq 1024 --micro 8    # GPU, about 1B, bf16
+
+Rows (same targets q_proj, v_proj, same rank):
+  a  PEFT LoRA inside a standard DeepSpeed ZeRO-3 engine (the anchor)
+  b  adamix_ds plain LoRA (M = 1)
+  c  AdaMix-LoRA, M = 4
+  d  AdaMix-LoRA, M = 4, consistency from one doubled-batch forward
+  e  the same consistency loss the reference way: two separate forwards, KL on full logits
+  f  AdaMix-adapter, M = 4
+Rows alternate (a b c ... a b c ...) so that drift on a shared machine hits all rows alike; the first
+visit of every row is warm-up. Results go to benchmarks/results/<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from adamix_ds import MixtureConfig, MixtureSet, causal_lm_losses, distributed
+from adamix_ds.arguments import ModelArguments, TrainArguments
+from adamix_ds.ds_config import load_ds_config, resolve_ds_config
+from adamix_ds.merged_export import folded_deltas, write_merged_model
+from adamix_ds.merging import merge_experts
+from adamix_ds.monitoring import peak_memory_gb
+from adamix_ds.sharded_base import load_base
+from adamix_ds.targets import resolve_targets
+from adamix_ds.tiny_models import builtin_config
+
+ROWS = {
+    "a": "PEFT LoRA in a DeepSpeed ZeRO-3 engine",
+    "b": "adamix_ds LoRA (M=1)",
+    "c": "AdaMix-LoRA M=4",
+    "d": "AdaMix-LoRA M=4 + consistency (one doubled forward)",
+    "e": "AdaMix-LoRA M=4 + consistency (two forwards, reference way)",
+    "f": "AdaMix-adapter M=4",
+}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="medium:llama", help="a built-in model (medium:llama, large:llama)")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=4, help="visits of every row (the first is warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="steps per visit")
+    p.add_argument("--rows", default="abcdef")
+    p.add_argument("--deepspeed", default="ds_configs/zero3.json")
+    p.add_argument("--name", default=None, help="results file name (default: derived from the device)")
+    p.add_argument("--local_rank", type=int, default=-1)
+    return p.parse_args()
+
+
+class MixtureRow:
+    """One adamix_ds row: its own mixtures and optimizer on the shared, sharded base."""
+
+    def __init__(self, model, config: MixtureConfig, device, consistency: str | None) -> None:
+        self.model, self.consistency = model, consistency
+        torch.manual_seed(0)
+        self.mixtures = MixtureSet(config, resolve_targets(model, config)).to(device)
+        self.params = list(self.mixtures.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.step_index = 0
+
+    def enter(self) -> None:
+        self.mixtures.attach(self.model)
+
+    def leave(self) -> None:
+        self.mixtures.detach()
+
+    def step(self, ids: torch.Tensor) -> None:
+        router = self.mixtures.router
+        router.step = self.step_index
+        self.model.train()
+        if self.consistency == "two_forwards":
+            with router.use_passes(0):
+                logits_1 = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            with router.use_passes(1):
+                logits_2 = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            targets = ids[:, 1:]
+            lp1, lp2 = F.log_softmax(logits_1, -1), F.log_softmax(logits_2, -1)
+            kl = 0.5 * ((lp1.exp() * (lp1 - lp2.detach())).sum(-1) + (lp2.exp() * (lp2 - lp1.detach())).sum(-1))
+            loss = F.nll_loss(lp1.flatten(0, 1), targets.flatten(), reduction="sum") + kl.sum()
+            tokens = targets.numel()
+        else:
+            sums = causal_lm_losses(self.model, ids, ids, router=router, consistency=self.consistency == "one_forward")
+            loss = sums.lm + (sums.kl if sums.kl is not None else 0.0)
+            tokens = sums.tokens
+        loss.backward()
+        distributed.all_reduce_gradients(self.params)
+        for p in self.params:
+            p.grad.div_(tokens * distributed.world_size())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_index += 1
+
+
+class PeftRow:
+    """The anchor: PEFT's LoRA on its own base, in a standard DeepSpeed ZeRO-3 engine."""
+
+    def __init__(self, args, ds_config: dict) -> None:
+        import deepspeed
+        import peft
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._keep = HfDeepSpeedConfig(ds_config)
+        dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(builtin_config(args.model, args.vocab), dtype=dtype)
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        engine_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "tensorboard")}
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-4),
+                                               config=engine_config)
+
+    def enter(self) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+    def step(self, ids: torch.Tensor) -> None:
+        self.engine.train()
+        loss = self.engine(input_ids=ids, labels=ids, use_cache=False).loss
+        self.engine.backward(loss)
+        self.engine.step()
+
+
+def summarise(times: list[float], tokens_per_step: int) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), statistics.median(times), max(times)]
+    median = statistics.median(times)
+    return {"median_s": median, "p25_s": q[0], "p75_s": q[-1], "steps": len(times),
+            "tokens_per_s": tokens_per_step / median}
+
+
+def main() -> None:
+    args = parse()
+    distributed.init_process_group()
+    distributed.setup_rank_logging()
+    world = distributed.world_size()
+    ds_config, _ = resolve_ds_config(load_ds_config(args.deepspeed), TrainArguments(per_device_train_batch_size=args.micro),
+                                     world, steps_for=lambda plan: 10_000)
+    base = load_base(ModelArguments(model_name_or_path=args.model), ds_config, vocab_size=args.vocab, seed=0)
+    device = base.device
+    rows = {}
+    for key in args.rows:
+        if key == "a":
+            rows[key] = PeftRow(args, ds_config)
+        elif key in "bcde":
+            m = 1 if key == "b" else 4
+            method = "lora" if key == "b" else "adamix-lora"
+            consistency = {"d": "one_forward", "e": "two_forwards"}.get(key)
+            rows[key] = MixtureRow(base.model, MixtureConfig(method=method, num_experts=m, share="none" if m > 1 else "up",
+                                                             lora_r=4, lora_alpha=32), device, consistency)
+        elif key == "f":
+            rows[key] = MixtureRow(base.model, MixtureConfig(method="adamix-adapter", num_experts=4, share="none"),
+                                   device, None)
+    generator = torch.Generator().manual_seed(distributed.rank())
+    times: dict[str, list[float]] = {key: [] for key in rows}
+    memory: dict[str, float] = {}
+    for visit in range(args.rounds):
+        for key, row in rows.items():
+            row.enter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.steps):
+                ids = torch.randint(4, args.vocab, (args.micro, args.seq), generator=generator).to(device)
+                distributed.barrier()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                row.step(ids)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                distributed.barrier()
+                if visit > 0:
+                    times[key].append(time.perf_counter() - start)
+            memory[key] = max(memory.get(key, 0.0), peak_memory_gb())
+            row.leave()
+    tokens_per_step = args.micro * args.seq * world
+    results = {key: {"row": ROWS[key], **summarise(times[key], tokens_per_step), "peak_memory_gb": memory[key]}
+               for key in rows}
+    merge = measure_merge(base, rows, args)
+    if distributed.is_main():
+        write_results(args, results, merge, ds_config, world)
+    distributed.destroy_process_group()
+
+
+def measure_merge(base, rows, args) -> dict:
+    """Seconds to average the experts and write the shard-aware merged model, beside DeepSpeed's
+    save_16bit_model of the PEFT engine's (same-size) model."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "c" in rows:
+            distributed.barrier()
+            start = time.perf_counter()
+            merged = merge_experts(rows["c"].mixtures)
+            write_merged_model(base.model, folded_deltas(merged), Path(tmp) / "ours")
+            out["adamix_ds merge_experts + shard-aware write_merged_model"] = time.perf_counter() - start
+        if "a" in rows:
+            distributed.barrier()
+            start = time.perf_counter()
+            rows["a"].engine.save_16bit_model(str(Path(tmp) / "deepspeed"))
+            distributed.barrier()
+            out["DeepSpeed save_16bit_model (PEFT engine)"] = time.perf_counter() - start
+    return out
+
+
+def write_results(args, results: dict, merge: dict, ds_config: dict, world: int) -> None:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    name = args.name or ("gpu" if torch.cuda.is_available() else "cpu")
+    base_row = results.get("b")
+    lines = [f"Measured on {device}, {world} ranks, ZeRO-3, {args.model} (vocab {args.vocab}), micro-batch "
+             f"{args.micro} x {args.seq} tokens per rank, bf16 {ds_config['bf16']['enabled']}; median of "
+             f"{(args.rounds - 1) * args.steps} steps per row after warm-up, rows interleaved.", "",
+             "| row | median step (s) | p25-p75 (s) | tokens/s | "
+             + ("peak GPU memory/rank (GB)" if torch.cuda.is_available() else "process peak RSS so far (GB)")
+             + " | vs (b) |",
+             "|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        ratio = f"{r['median_s'] / base_row['median_s']:.2f}" if base_row else "-"
+        lines.append(f"| ({key}) {r['row']} | {r['median_s']:.3f} | {r['p25_s']:.3f}-{r['p75_s']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['peak_memory_gb']:.2f} | {ratio} |")
+    if merge:
+        lines += ["", "| merge | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in merge.items()]
+    directory = Path(__file__).resolve().parent / "results"
+    directory.mkdir(exist_ok=True)
+    record = {"device": device, "world_size": world, "args": vars(args), "rows": results, "merge": merge}
+    (directory / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (directory / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
