@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 DEFAULT_BUCKET_NUMEL = 50_000_000
+DEFAULT_MASTER_PORT = 29500
 
 
 def init_process_group(timeout_s: float = 600.0) -> None:
@@ -27,7 +28,10 @@ def init_process_group(timeout_s: float = 600.0) -> None:
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(auto_mpi_discovery=True, verbose=False,
+    # Under mpirun, DeepSpeed's MPI discovery sets MASTER_PORT to this value: honour the user's, so that two
+    # jobs on one host do not meet on the default port.
+    port = int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT))
+    deepspeed.init_distributed(auto_mpi_discovery=True, verbose=False, distributed_port=port,
                                timeout=datetime.timedelta(seconds=timeout_s))
 
 

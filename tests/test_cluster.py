@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from safetensors.torch import load_file
 
-from launching import REPO, cpu_env, run_record, train_losses
+from launching import REPO, cpu_env, free_port, run_record, train_losses
 from slurm_cluster import missing_binaries, single_node_cluster
 
 TRAIN = ["--model_name_or_path", "tiny:llama", "--max_steps", "4", "--max_seq_length", "64",
@@ -55,7 +55,7 @@ def test_slurm_train_and_merge_jobs(tmp_path):
 def test_mpirun_launch(tmp_path):
     proc = subprocess.run(
         ["mpiexec", "-n", "2", "python", str(REPO / "launch" / "train.py"), *TRAIN, "--output_dir", str(tmp_path)],
-        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=cpu_env(MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert run_record(tmp_path)["base_partition"]["world_size"] == 2
