@@ -123,6 +123,9 @@ class PeftRow:
         model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
         trainable = [p for p in model.parameters() if p.requires_grad]
         engine_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "tensorboard")}
+        # save_16bit_model under ZeRO-3 writes nothing unless the engine may gather the weights on save.
+        engine_config["zero_optimization"] = {**engine_config["zero_optimization"],
+                                              "stage3_gather_16bit_weights_on_model_save": True}
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-4),
                                                config=engine_config)
 
@@ -213,8 +216,10 @@ def measure_merge(base, rows, args) -> dict:
         if "a" in rows:
             distributed.barrier()
             start = time.perf_counter()
-            rows["a"].engine.save_16bit_model(str(Path(tmp) / "deepspeed"))
+            saved = rows["a"].engine.save_16bit_model(str(Path(tmp) / "deepspeed"))
             distributed.barrier()
+            if not saved:
+                raise RuntimeError("DeepSpeed's save_16bit_model wrote nothing")
             out["DeepSpeed save_16bit_model (PEFT engine)"] = time.perf_counter() - start
     return out
 
