@@ -46,6 +46,7 @@ def decoding_config(args: GenerateArguments, tokenizer) -> GenerationConfig:
 def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
     """(model, tokenizer) in eval mode: the merged model, or base + mixtures routed as args.eval_mode."""
     path = Path(args.model_path)
+    mixtures = None
     if (path / CONFIG_NAME).is_file():
         if is_builtin(model_args.model_name_or_path):
             raise ConfigError("a mixture checkpoint needs --model_name_or_path: the base model directory it was "
@@ -64,7 +65,7 @@ def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
                           f"({CONFIG_NAME})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    if (path / CONFIG_NAME).is_file():
+    if mixtures is not None:
         mixtures.to(device)  # the mixtures live outside the model's module tree
     return model, tokenizer
 

@@ -15,7 +15,7 @@ def _plain_with_averages(model, mixtures):
     plain = MixtureSet.inject(model, mixtures.config.merged(), seed=0)
     with torch.no_grad():
         for mix, single in zip(mixtures.mixtures, plain.mixtures):
-            for (name, p), (_, q) in zip(mix.named_parameters(), single.named_parameters()):
+            for p, q in zip(mix.parameters(), single.parameters()):
                 q.copy_(p.mean(dim=0, keepdim=True))
     return plain
 
