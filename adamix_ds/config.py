@@ -83,6 +83,8 @@ class MixtureConfig:
             raise _bad("num_experts", self.num_experts, f"1 for --method {self.method}; use adamix-{self.method}")
         if self.share not in SHARE_CHOICES:
             raise _bad("share", self.share, f"one of {', '.join(SHARE_CHOICES)}")
+        if self.method in ("lora", "adapter") and self.share != "up":
+            raise _bad("share", self.share, f"only with adamix-* methods (--method {self.method} has one module)")
         if self.is_lora:
             if self.lora_r <= 0:
                 raise _bad("lora_r", self.lora_r, "an integer > 0")
@@ -134,4 +136,4 @@ class MixtureConfig:
     def merged(self) -> "MixtureConfig":
         """The configuration of the single module that averaging the experts produces."""
         single = {"adamix-lora": "lora", "adamix-adapter": "adapter"}.get(self.method, self.method)
-        return dataclasses.replace(self, method=single, num_experts=1)
+        return dataclasses.replace(self, method=single, num_experts=1, share="up")

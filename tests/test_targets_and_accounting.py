@@ -64,6 +64,7 @@ def test_adapter_sites():
         (dict(num_experts=0), "--num_experts=0"),
         (dict(method="lora", num_experts=4), "use adamix-lora"),
         (dict(share="both"), "--share='both'"),
+        (dict(method="lora", share="none"), "--share='none' is not allowed: only with adamix-\\* methods"),
         (dict(lora_r=0), "--lora_r=0"),
         (dict(method="adapter", adapter_size=-1), "--adapter_size=-1"),
         (dict(method="adapter", target_modules="q_proj"), "only for LoRA methods"),
