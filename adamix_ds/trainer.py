@@ -63,6 +63,7 @@ class Trainer:
         self.seed = distributed.broadcast_int(args.seed)
         raw_ds_config = load_ds_config(args.deepspeed)
         preflight.check_ds_keys(raw_ds_config, args.deepspeed)
+        resolve_ds_config(raw_ds_config, args, distributed.world_size(), steps_for=lambda plan: 1)  # checks only
         preflight.check_output_dir(args.output_dir)
         preflight.check_targets(model_args, mixture_config)
         self.tokenizer = load_tokenizer(model_args)

@@ -140,8 +140,9 @@ def test_bad_configuration_fails_fast_with_one_line_and_code_2(case, message, tm
         (tmp_path / "a_file").write_text("")
         output = tmp_path / "a_file" / "out"
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--model_name_or_path", "tiny:llama",
-                           "--output_dir", str(output), *args], cwd=REPO, env=cpu_env(), capture_output=True,
-                          text=True, timeout=120)
+                           "--output_dir", str(output), *args], cwd=REPO,
+                          env=cpu_env(ADAMIX_DS_CACHE=str(tmp_path / "cache")),  # no cached tokens to hide work
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("adamix_ds: error:") or "error:" in line]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
