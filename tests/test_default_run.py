@@ -10,7 +10,7 @@ def test_default_run_end_to_end(tmp_path):
                      ranks=2, timeout=600)
     record = run_record(tmp_path)
     evals = [h["eval/merged/loss"] for h in record["history"] if "eval/merged/loss" in h]
-    assert len(evals) == 4  # steps 0, 50, 100, 150
+    assert len(evals) == 4  # steps 0, 40, 80, 120
     assert evals[-1] < evals[0] - 0.5, evals
     assert record["arguments"]["data"]["data_path"].endswith("restaurants/train.jsonl")
     assert record["arguments"]["model"]["model_name_or_path"] == "small:llama"
@@ -25,7 +25,7 @@ def test_default_run_end_to_end(tmp_path):
     _check_tensorboard(tmp_path / "tensorboard")
     # Not a terminal: one line per logging step with the ETA, from rank 0 only.
     lines = [line for line in proc.stdout.splitlines() if "train/loss=" in line]
-    assert len(lines) == 15 and all("eta=" in line and "[rank0]" in line for line in lines)
+    assert len(lines) == 12 and all("eta=" in line and "[rank0]" in line for line in lines)
 
 
 def _check_tensorboard(directory):
@@ -44,10 +44,10 @@ def _check_tensorboard(directory):
     assert expected <= scalars, expected - scalars
     assert "hyperparameters/text_summary" in events.Tags()["tensors"]
     losses = [e.value for e in events.Scalars("train/loss")]
-    assert len(losses) == 15 and all(math.isfinite(v) for v in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.4
     evals = [e.value for e in events.Scalars("eval/merged/loss")]
     assert evals == sorted(evals, reverse=True)
     counts = sum(e.value for tag in scalars if tag.startswith("experts/selection_count/layer_0/down/")
                  for e in events.Scalars(tag))
-    assert counts == 150 * 2 * 2  # q and v of layer 0, one draw per pass (two with consistency) per step
+    assert counts == 120 * 2 * 2  # q and v of layer 0, one draw per pass (two with consistency) per step
