@@ -102,9 +102,18 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter], bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> None:
-    """Sum the gradients of replicated parameters over ranks, a flat bucket at a time (not one call per tensor)."""
+    """Sum the gradients of replicated parameters over ranks, a flat bucket at a time (not one call per tensor).
+
+    With data-dependent routing a parameter may have a gradient on one rank and none on another (a sparse
+    expert no token of this rank chose); ranks first agree on which gradients exist, and a missing one
+    becomes zeros, so every rank reduces the same buckets. A gradient absent on every rank stays None.
+    """
     if world_size() == 1:
         return
+    present = all_reduce_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.int32))
+    for param, count in zip(params, present.tolist()):
+        if count and param.grad is None:
+            param.grad = torch.zeros_like(param)
     buckets: list[list[torch.Tensor]] = [[]]
     size = 0
     for grad in (p.grad for p in params if p.grad is not None):

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import MixtureConfig
-from .mixture_set import MixtureSet
-from .targets import Target
+from .hooked_mixtures import HookedMixtures
+from .mixture_families import mixture_class
 
 WEIGHTS_NAME = "mixtures.safetensors"
 CONFIG_NAME = "mixture_config.json"
@@ -27,8 +27,8 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the model or configuration it is loaded into."""
 
 
-def save_mixtures(mixtures: MixtureSet, directory: str | Path) -> Path:
-    """Write WEIGHTS_NAME (keys: target name + '.' + parameter) and CONFIG_NAME into `directory`."""
+def save_mixtures(mixtures: HookedMixtures, directory: str | Path) -> Path:
+    """Write WEIGHTS_NAME (keys: module name + '.' + parameter) and CONFIG_NAME into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in mixtures.named_tensors()}
@@ -36,27 +36,29 @@ def save_mixtures(mixtures: MixtureSet, directory: str | Path) -> Path:
     meta = {
         "format_version": FORMAT_VERSION,
         "config": mixtures.config.to_dict(),
-        "seed": mixtures.router.seed,
-        "targets": [vars(t) for t in mixtures.targets],
+        "seed": mixtures.seed,
+        **mixtures.describe(),
     }
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
-def read_mixture_config(directory: str | Path) -> tuple[MixtureConfig, list[Target], int]:
+def read_mixture_config(directory: str | Path) -> tuple[MixtureConfig, dict, int]:
+    """(config, the saved structure description, routing seed) of a mixture checkpoint directory."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointMismatch(f"{path} not found: not a mixture checkpoint directory")
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatch(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-    return MixtureConfig.from_dict(meta["config"]), [Target(**t) for t in meta["targets"]], meta["seed"]
+    return MixtureConfig.from_dict(meta["config"]), meta, meta["seed"]
 
 
 def check_config_matches(saved: MixtureConfig, requested: MixtureConfig) -> None:
     """Refuse a checkpoint whose structure differs from the requested one; name every differing field."""
     structural = ("method", "num_experts", "share", "lora_r", "lora_alpha", "adapter_size",
-                  "adapter_activation", "adapter_after_attention")
+                  "adapter_activation", "adapter_after_attention", "moa_experts", "router_type", "prompt_length",
+                  "top_k")
     diffs = [
         f"{name}: checkpoint {getattr(saved, name)!r} vs requested {getattr(requested, name)!r}"
         for name in structural
@@ -66,7 +68,7 @@ def check_config_matches(saved: MixtureConfig, requested: MixtureConfig) -> None
         raise CheckpointMismatch("mixture checkpoint does not match the requested configuration: " + "; ".join(diffs))
 
 
-def load_state_strict(mixtures: MixtureSet, state: dict[str, torch.Tensor]) -> None:
+def load_state_strict(mixtures: HookedMixtures, state: dict[str, torch.Tensor]) -> None:
     """Copy `state` into `mixtures`; every key must exist on both sides with the same shape."""
     own = dict(mixtures.named_tensors())
     missing = sorted(set(own) - set(state))
@@ -89,19 +91,19 @@ def load_state_strict(mixtures: MixtureSet, state: dict[str, torch.Tensor]) -> N
 
 
 def load_mixtures(model: nn.Module, directory: str | Path, expected: MixtureConfig | None = None,
-                  attach: bool = True) -> MixtureSet:
-    """Rebuild the MixtureSet saved in `directory` on `model` (strictly) and attach it.
+                  attach: bool = True) -> HookedMixtures:
+    """Rebuild the mixtures saved in `directory` on `model` (strictly) and attach them.
 
     With `expected`, a checkpoint of another structure is refused before any weight is read.
     """
-    config, targets, seed = read_mixture_config(directory)
+    config, description, seed = read_mixture_config(directory)
     if expected is not None:
         check_config_matches(config, expected)
+    mixtures = mixture_class(config).from_description(config, description, seed)
     modules = dict(model.named_modules())
-    absent = [t.name for t in targets if t.name not in modules]
+    absent = [name for name in mixtures.module_names() if name not in modules]
     if absent:
-        raise CheckpointMismatch(f"checkpoint targets missing from the model: {absent[:5]} ({len(absent)} in all)")
-    mixtures = MixtureSet(config, targets, seed)
+        raise CheckpointMismatch(f"checkpoint modules missing from the model: {absent[:5]} ({len(absent)} in all)")
     load_state_strict(mixtures, load_file(str(Path(directory) / WEIGHTS_NAME)))
     if attach:
         mixtures.attach(model)

@@ -31,6 +31,11 @@ LORA_DEFAULTS = {
 """LoRA targets when none are given: the query and value projections (the AdaMix/LoRA reference setting),
 or the fused QKV projection where the family has one."""
 
+_QKVOD = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+ROUTED_LORA_DEFAULTS = {family: _QKVOD for family in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
+                                                     "gemma2", "gemma3_text")}
+"""Targets of the MoE-LoRA baselines when none are given: MoA's LoRA projections (q, k, v, o, MLP down)."""
+
 ATTENTION_NAMES = ("self_attn", "attn", "attention")
 MLP_NAMES = ("mlp", "feed_forward")
 ALL_LINEAR = "all-linear"
@@ -80,18 +85,18 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def resolve_lora_targets(model: nn.Module, config: MixtureConfig) -> list[Target]:
-    """The linear layers that get a MixtureLoRA, in module order."""
+def resolve_lora_targets(model: nn.Module, config: MixtureConfig, defaults: dict = LORA_DEFAULTS) -> list[Target]:
+    """The linear layers that get a LoRA mixture, in module order."""
     linears = _linear_layers(model)
     spec = config.target_modules
     if spec is None:
         model_type = model.config.model_type
-        if model_type not in LORA_DEFAULTS:
+        if model_type not in defaults:
             raise ConfigError(
                 f"no default LoRA targets for model_type {model_type!r}; pass --target_modules "
                 f"(suffixes, re:<regex> or {ALL_LINEAR}); linear layers: {', '.join(_layer_pattern(linears))}"
             )
-        patterns = list(LORA_DEFAULTS[model_type])
+        patterns = list(defaults[model_type])
     else:
         patterns = [p.strip() for p in spec.split(",") if p.strip()]
     if patterns == [ALL_LINEAR]:
@@ -133,6 +138,19 @@ def resolve_adapter_targets(model: nn.Module, config: MixtureConfig) -> list[Tar
     return [Target(name, hidden, hidden) for name in sorted(names, key=order.__getitem__)]
 
 
+def resolve_routed_targets(model: nn.Module, config: MixtureConfig) -> list[Target]:
+    """The projections of the MoE-LoRA baselines (molora, hydralora, topk-lora)."""
+    targets = resolve_lora_targets(model, config, ROUTED_LORA_DEFAULTS)
+    fused = [t.name for t in targets if t.transposed]
+    if fused:
+        raise ConfigError(f"--method {config.method} supports nn.Linear targets only, not GPT-2's Conv1D ({fused[0]})")
+    return targets
+
+
 def resolve_targets(model: nn.Module, config: MixtureConfig) -> list[Target]:
     """Insertion points for the configured method, in module order (their index is the routing slot)."""
+    if config.is_routed:
+        from .decoder_layout import decoder_layers
+
+        return decoder_layers(model) if config.method.startswith("moa-") else resolve_routed_targets(model, config)
     return resolve_lora_targets(model, config) if config.is_lora else resolve_adapter_targets(model, config)

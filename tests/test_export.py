@@ -99,7 +99,7 @@ def test_loading_refuses_other_structure(tmp_path):
 
 def test_loading_refuses_targets_the_model_lacks(tmp_path):
     _saved(tmp_path)
-    with pytest.raises(CheckpointMismatch, match="targets missing from the model"):
+    with pytest.raises(CheckpointMismatch, match="modules missing from the model"):
         load_mixtures(make_model("gpt2"), tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     meta["format_version"] = 99

@@ -1,0 +1,60 @@
+"""`MoELoRASet`: the homogeneous MoE-LoRA baselines (molora, hydralora, topk-lora), one `RoutedLoRA` with its
+own router per target projection, attached to a frozen (possibly ZeRO-3 partitioned) model by hooks."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+
+from .config import MixtureConfig
+from .expert_diagnostics import layer_of
+from .hooked_mixtures import HookedMixtures
+from .router_stats import RouterStats
+from .routed_lora import GATE_OF_METHOD, RoutedLoRA
+from .targets import Target, resolve_routed_targets
+
+
+class MoELoRASet(HookedMixtures):
+    def __init__(self, config: MixtureConfig, targets: list[Target], seed: int = 0) -> None:
+        super().__init__(config, seed)
+        self.targets = list(targets)
+        self.stats = RouterStats()
+        self.expert_labels = [f"expert_{e}" for e in range(config.num_experts)]
+        self.mixtures = nn.ModuleList(
+            RoutedLoRA(t.in_features, t.out_features, config.lora_r, config.lora_alpha, config.num_experts,
+                       shared_a=config.method == "hydralora", gate=GATE_OF_METHOD[config.method],
+                       network=config.router_type, top_k=config.top_k, dropout=config.lora_dropout)
+            for t in self.targets
+        )
+
+    @classmethod
+    def locate(cls, model: nn.Module, config: MixtureConfig) -> list[Target]:
+        return resolve_routed_targets(model, config)
+
+    def parts(self) -> Iterator[tuple[str, nn.Module]]:
+        return ((t.name, m) for t, m in zip(self.targets, self.mixtures))
+
+    def describe(self) -> dict:
+        return {"targets": [vars(t) for t in self.targets]}
+
+    @classmethod
+    def from_description(cls, config: MixtureConfig, description: dict, seed: int) -> "MoELoRASet":
+        return cls(config, [Target(**t) for t in description["targets"]], seed)
+
+    def hooks(self, model: nn.Module, modules: dict[str, nn.Module]) -> list:
+        return [modules[t.name].register_forward_hook(self._hook(t, m)) for t, m in zip(self.targets, self.mixtures)]
+
+    def _hook(self, target: Target, mixture: RoutedLoRA):
+        layer = layer_of(target.name)
+
+        def add_routed_lora(module, args, output):
+            x = args[0]
+            valid = self.stats.valid_rows(x.numel() // x.shape[-1])
+            delta, gates = mixture(x, valid)
+            if module.training:
+                self.stats.add(layer, self.expert_labels, gates, valid)
+                self.stats.add_aux_loss(gates.aux_loss)
+            return output + delta
+
+        return add_routed_lora
