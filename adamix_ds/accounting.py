@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .mixture_set import MixtureSet
+from .hooked_mixtures import HookedMixtures
 from .sharded import full_numel
 
 logger = logging.getLogger(__name__)
@@ -38,11 +38,15 @@ class ParameterCount:
         )
 
 
-def count_parameters(model: nn.Module, mixtures: MixtureSet) -> ParameterCount:
-    """Counts from shapes (ZeRO-3 aware): served = each stacked tensor's size divided by its expert count."""
+def count_parameters(model: nn.Module, mixtures: HookedMixtures) -> ParameterCount:
+    """Counts from shapes (ZeRO-3 aware). AdaMix serves each stacked tensor's size divided by its expert
+    count (the experts merge); the routed methods serve everything they train."""
     base = sum(full_numel(p) for p in model.parameters())
     trained = sum(p.numel() for p in mixtures.parameters() if p.requires_grad)
-    served = sum(p.numel() // p.shape[0] for p in mixtures.parameters())
+    if mixtures.config.is_routed:
+        served = trained  # input-dependent routers: every expert and router is served
+    else:
+        served = sum(p.numel() // p.shape[0] for p in mixtures.parameters())
     count = ParameterCount(base=base, trained=trained, served=served)
     logger.info(count.summary())
     return count

@@ -172,8 +172,6 @@ class MixtureConfig:
             raise _bad(name, value, f"only with {methods} (not --method {self.method})")
 
     def _check_moa(self) -> None:
-        if self.num_experts is not None:
-            raise _bad("num_experts", self.num_experts, "unset for moa-*: the experts are listed by --moa_experts")
         if self.moa_experts is None:
             default = MOA_EXPERTS if self.method == "moa-soft" else MOA_EXPERTS[:-1]
             self.moa_experts = ",".join(default)
@@ -187,6 +185,9 @@ class MixtureConfig:
         if len(names) < 2:
             raise _bad("moa_experts", self.moa_experts, "at least two experts (a router needs a choice)")
         self.moa_experts = ",".join(e for e in MOA_EXPERTS if e in names)
+        if self.num_experts not in (None, len(names)):
+            raise _bad("num_experts", self.num_experts, f"unset for moa-* (the experts are listed by --moa_experts: "
+                                                        f"{self.moa_experts})")
         self.num_experts = len(names)
 
     @property
@@ -207,6 +208,11 @@ class MixtureConfig:
     def is_routed(self) -> bool:
         """Experts gated per token by a learned router (MoA and the homogeneous MoE-LoRA baselines)."""
         return self.method in ROUTED_METHODS
+
+    @property
+    def aux_weight(self) -> float:
+        """Weight of the load-balancing loss in the training objective (0 where the method has none)."""
+        return self.aux_loss_weight or 0.0
 
     @property
     def experts_down(self) -> int:

@@ -44,10 +44,18 @@ def decoding_config(args: GenerateArguments, tokenizer) -> GenerationConfig:
 
 
 def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
-    """(model, tokenizer) in eval mode: the merged model, or base + mixtures routed as args.eval_mode."""
+    """(model, tokenizer) in eval mode: a merged model, a routed method's export (base + mixture in one
+    directory), or base + a mixture checkpoint routed as args.eval_mode."""
     path = Path(args.model_path)
     mixtures = None
-    if (path / CONFIG_NAME).is_file():
+    if (path / "config.json").is_file():
+        tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(path),
+                                                  tokenizer_name_or_path=model_args.tokenizer_name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+        if (path / CONFIG_NAME).is_file():
+            # A routed method's export: the base model and its whole mixture (routers included) together.
+            mixtures = load_mixtures(model, path)
+    elif (path / CONFIG_NAME).is_file():
         if is_builtin(model_args.model_name_or_path):
             raise ConfigError("a mixture checkpoint needs --model_name_or_path: the base model directory it was "
                               "trained on (for a built-in base, generate from OUTPUT_DIR/merged/model instead)")
@@ -55,11 +63,8 @@ def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path,
                                                      trust_remote_code=model_args.trust_remote_code)
         mixtures = load_mixtures(model, path)
-        mixtures.router.set_eval_mode(args.eval_mode)
-    elif (path / "config.json").is_file():
-        tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(path),
-                                                  tokenizer_name_or_path=model_args.tokenizer_name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+        if hasattr(mixtures, "router"):
+            mixtures.router.set_eval_mode(args.eval_mode)
     else:
         raise ConfigError(f"--model_path {path}: neither a merged model (config.json) nor a mixture checkpoint "
                           f"({CONFIG_NAME})")

@@ -6,6 +6,10 @@ mixture checkpoint (adapter methods). OUTPUT/merged/model/ (LoRA methods): the f
 averaged delta folded into its weights, as sharded safetensors that `from_pretrained` reads: rank r
 gathers the parameters of its contiguous share and writes shard r + 1; rank 0 writes the index,
 config and tokenizer.
+
+The routed methods (MoA, MoE-LoRA) have input-dependent routers, so nothing is averaged:
+OUTPUT/merged/model/ holds the unchanged base (written the same shard-aware way) together with the
+full mixture checkpoint, which `generation.load_for_generation` serves.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import distributed
+from .hooked_mixtures import HookedMixtures
 from .merging import merge_experts
 from .mixture_checkpoint import save_mixtures
 from .mixture_set import MixtureSet
@@ -97,9 +102,21 @@ def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenize
     return directory
 
 
-def merge_and_export(model: nn.Module, mixtures: MixtureSet, output_dir: Path, tokenizer=None,
+def export_with_mixtures(model: nn.Module, mixtures: HookedMixtures, output_dir: Path, tokenizer=None) -> dict[str, str]:
+    """Collective: the base model and the whole mixture (routers and every expert) in merged/model."""
+    distributed.check_replicas_agree([p for _, p in mixtures.named_tensors()], "mixture weights")
+    model_dir = write_merged_model(model, {}, Path(output_dir) / "merged" / "model", tokenizer)
+    if distributed.is_main():
+        save_mixtures(mixtures, model_dir)
+    distributed.barrier()
+    return {"model": str(model_dir)}
+
+
+def merge_and_export(model: nn.Module, mixtures: HookedMixtures, output_dir: Path, tokenizer=None,
                      base_model_name_or_path: str | None = None) -> dict[str, str]:
     """Collective: check the replicas agree, average the experts, write merged/adapter and merged/model."""
+    if mixtures.config.is_routed:
+        return export_with_mixtures(model, mixtures, output_dir, tokenizer)
     distributed.check_replicas_agree([p for _, p in mixtures.named_tensors()], "mixture weights")
     merged = merge_experts(mixtures)
     out = {}

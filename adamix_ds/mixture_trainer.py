@@ -25,7 +25,7 @@ from .accounting import count_parameters
 from .consistency import causal_lm_losses
 from .expert_diagnostics import expert_divergence, selection_counts
 from .merged_export import merge_and_export
-from .mixture_set import MixtureSet
+from .mixture_families import inject_mixtures
 from .optimization import build_optimizer, build_scheduler
 from .routing import RoutePlan
 from .train_checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
@@ -44,7 +44,7 @@ class MixtureTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         torch.manual_seed(self.seed)
-        self.mixtures = MixtureSet.inject(self.model, self.mixture_config, seed=self.seed).to(self.base.device)
+        self.mixtures = inject_mixtures(self.model, self.mixture_config, seed=self.seed).to(self.base.device)
         distributed.broadcast_tensors(list(self.mixtures.parameters()))
         self.parameter_count = count_parameters(self.model, self.mixtures)
         self.params = list(self.mixtures.parameters())
@@ -52,31 +52,39 @@ class MixtureTrainer(Trainer):
         self.scheduler = build_scheduler(self.optimizer, self.ds_config.get("scheduler"))
         self.max_grad_norm = float(self.ds_config["gradient_clipping"])
         self.nonfinite_in_a_row = 0
+        self.route_log = None
+        self.setup_routing()
+
+    def setup_routing(self) -> None:
+        """AdaMix: route recording for --check_routes_every and --save_routes."""
         if self.args.check_routes_every > 0 or self.args.save_routes:
             self.mixtures.router.record = []
-        self.route_log = None
         if self.args.save_routes:
             route_dir = self.output_dir / "routes"
             route_dir.mkdir(parents=True, exist_ok=True)
             self.route_log = open(route_dir / f"rank-{distributed.rank()}.jsonl", "a")
 
+    def micro_step(self, batch: dict) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns (target tokens, CE sum, KL sum, aux-loss sum)."""
+        args, router = self.args, self.mixtures.router
+        router.step = self.step
+        consistency = args.consistency_weight > 0
+        sums = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                router=router, consistency=consistency, chunk_tokens=args.loss_chunk_tokens)
+        total = sums.lm + args.consistency_weight * sums.kl if consistency else sums.lm
+        total.backward()
+        return torch.tensor([sums.tokens, sums.lm.item(), sums.kl.item() if consistency else 0.0, 0.0],
+                            dtype=torch.float64)
+
     def train_step(self) -> dict:
         """One optimizer step over the global batch (see the module docstring)."""
-        args, router = self.args, self.mixtures.router
-        consistency = args.consistency_weight > 0
-        router.step = self.step
+        args = self.args
         self.seed_step()
         self.model.train()
         start = time.perf_counter()
-        stats = torch.zeros(3, dtype=torch.float64)
+        stats = torch.zeros(4, dtype=torch.float64)
         for micro in range(self.plan.accumulation):
-            batch = self.batch(self.step_rows(micro), self.train_data)
-            sums = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                    router=router, consistency=consistency, chunk_tokens=args.loss_chunk_tokens)
-            total = sums.lm + args.consistency_weight * sums.kl if consistency else sums.lm
-            total.backward()
-            stats += torch.tensor([sums.tokens, sums.lm.item(), sums.kl.item() if consistency else 0.0],
-                                  dtype=torch.float64)
+            stats += self.micro_step(self.batch(self.step_rows(micro), self.train_data))
         stats = distributed.all_reduce_sum(stats).cpu()
         distributed.all_reduce_gradients(self.params)
         tokens = max(stats[0].item(), 1.0)
@@ -100,11 +108,12 @@ class MixtureTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         self._flush_routes()
         elapsed = time.perf_counter() - start
-        lm_loss, kl = stats[1].item() / tokens, stats[2].item() / tokens
+        lm_loss, kl, aux = stats[1].item() / tokens, stats[2].item() / tokens, stats[3].item() / tokens
         return {
-            "train/loss": lm_loss + args.consistency_weight * kl,
+            "train/loss": lm_loss + args.consistency_weight * kl + self.mixture_config.aux_weight * aux,
             "train/lm_loss": lm_loss,
-            "train/consistency_loss": kl,
+            **({} if self.mixture_config.is_routed else {"train/consistency_loss": kl}),
+            **({"train/aux_loss": aux} if self.mixture_config.aux_weight > 0 else {}),
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "perf/step_time_s": elapsed,
@@ -130,7 +139,7 @@ class MixtureTrainer(Trainer):
             raise RuntimeError(f"routes diverged between ranks at step {self.step} (digests by rank: {digests})")
 
     def _flush_routes(self) -> None:
-        record = self.mixtures.router.record
+        record = getattr(getattr(self.mixtures, "router", None), "record", None)
         if record is None:
             return
         if self.route_log is not None:

@@ -30,6 +30,11 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
+def _per_layer(key: str) -> bool:
+    """Per-layer and per-expert scalars go to TensorBoard only; log lines carry the model-wide summaries."""
+    return key.startswith("experts/") or "/layer_" in key
+
+
 class Monitor:
     def __init__(self, ds_config: dict, output_dir: Path, total_steps: int, start_step: int = 0) -> None:
         self.total_steps = total_steps
@@ -85,7 +90,7 @@ class Monitor:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
-        shown = " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if not k.startswith("experts/"))
+        shown = " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if not _per_layer(k))
         eta = f" eta={self.eta_s(step):.0f}s" if "train/loss" in metrics else ""
         message = f"step {step}/{self.total_steps}{eta} {shown}"
         if self.bar is not None:

@@ -49,6 +49,17 @@ def check_output_dir(output_dir: str) -> None:
         raise ConfigError(f"--output_dir {output_dir}: not writable ({error.strerror or error})") from None
 
 
+def check_method_options(mixture: MixtureConfig, args) -> None:
+    """Options of AdaMix's stochastic routing make no sense with learned per-token routers."""
+    if not mixture.is_routed:
+        return
+    for option, default in (("consistency_weight", 0.0), ("check_routes_every", 0), ("save_routes", False)):
+        value = getattr(args, option)
+        if value != default:
+            raise ConfigError(f"--{option}={value!r} is not allowed with --method {mixture.method}: it belongs to "
+                              "AdaMix's stochastic routing (the routed methods learn per-token routers)")
+
+
 def check_targets(model_args: ModelArguments, mixture: MixtureConfig) -> None:
     """Resolve the mixture's targets on a weightless (meta-device) copy of the model: no download, no memory."""
     if mixture.is_full:

@@ -58,7 +58,8 @@ class RouterStats:
         return torch.stack(losses).mean() if losses else None
 
     def metrics(self) -> dict[str, float]:
-        """Collective: routers/layer_L/{mean_gate/<expert>, gate_std, active_experts} since the last call."""
+        """Collective: routers/layer_L/{mean_gate/<expert>, gate_std, active_experts} since the last call, and
+        their means over layers as routers/{mean_gate/<expert>, gate_std, active_experts}."""
         layers = sorted(self.sums, key=_layer_key)
         if not layers:
             return {}
@@ -75,7 +76,15 @@ class RouterStats:
             if layer in self.sparse:
                 out[f"routers/layer_{layer}/active_experts"] = values[len(names) + 1].item() / tokens
         self.sums.clear()
-        return out
+        return {**out, **_layer_means(out)}
+
+
+def _layer_means(per_layer: dict[str, float]) -> dict[str, float]:
+    """routers/layer_L/<metric> averaged over L into routers/<metric>."""
+    groups: dict[str, list[float]] = {}
+    for key, value in per_layer.items():
+        groups.setdefault("routers/" + key.split("/", 2)[2], []).append(value)
+    return {key: sum(values) / len(values) for key, values in groups.items()}
 
 
 def _layer_key(layer: str):

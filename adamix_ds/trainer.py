@@ -3,7 +3,8 @@
 `Trainer` holds what every method shares: arguments, the DeepSpeed config and batch plan, data and
 its step sampler, the base model, the loop, evaluation, logging and run.json. The methods differ in
 what they train and how a step, a checkpoint and the final export are made:
-`MixtureTrainer` (mixture_trainer.py) and `FullTrainer` (full_finetune.py).
+`MixtureTrainer` (mixture_trainer.py), `RoutedTrainer` (routed_trainer.py) and `FullTrainer`
+(full_finetune.py).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Trainer:
         preflight.check_ds_keys(raw_ds_config, args.deepspeed)
         resolve_ds_config(raw_ds_config, args, distributed.world_size(), steps_for=lambda plan: 1)  # checks only
         preflight.check_output_dir(args.output_dir)
+        preflight.check_method_options(mixture_config, args)
         preflight.check_targets(model_args, mixture_config)
         self.tokenizer = load_tokenizer(model_args)
         self.train_data, self.eval_data = train_eval_datasets(data_args, self.tokenizer, self.seed)
@@ -275,11 +277,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, mixture_config: 
     """Run one training job on this rank; every rank of the job calls it."""
     from .full_finetune import FullTrainer
     from .mixture_trainer import MixtureTrainer
+    from .routed_trainer import RoutedTrainer
 
     distributed.init_process_group()
     distributed.setup_rank_logging()
     try:
-        cls = FullTrainer if mixture_config.is_full else MixtureTrainer
+        cls = FullTrainer if mixture_config.is_full else RoutedTrainer if mixture_config.is_routed else MixtureTrainer
         return cls(model_args, data_args, mixture_config, args).run()
     finally:
         distributed.destroy_process_group()
