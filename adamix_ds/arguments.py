@@ -124,6 +124,8 @@ def parse_arguments(argv: list[str] | None = None):
         unknown = sorted(set(values) - options)
         if unknown:
             raise ConfigError(f"--config {path}: unknown options {unknown}")
+        if path == DEFAULT_RUN and not known.method.startswith("adamix-"):
+            values.pop("consistency_weight", None)  # the embedded default's AdaMix setting; other methods lack it
         parser.set_defaults(**values)
     *dataclasses_, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
     return tuple(dataclasses_[: len(ARGUMENT_CLASSES)])
