@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from .config import MixtureConfig

@@ -47,6 +47,9 @@ class RoutedTrainer(MixtureTrainer):
     def eval_mode_names(self) -> list[str]:
         return [ROUTED_EVAL_MODE]
 
+    def set_eval_mode(self, mode: str) -> None:
+        """The learned routers route evaluation as they route training."""
+
     def evaluate(self) -> dict:
         return Trainer.evaluate(self)
 

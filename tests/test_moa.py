@@ -1,6 +1,7 @@
 """MoA and the MoE-LoRA baselines against hand-written references: a Llama-family decoder written out
 token by token with every expert's gated update, explicit sums over experts, and the Switch formula."""
 
+import functools
 import math
 
 import pytest
@@ -34,6 +35,15 @@ def _linear(module, x):
     return F.linear(x, module.weight, module.bias)
 
 
+def _gated_projection(experts, w, name, module, inp):
+    """W x + g_name(x) * (alpha / r) B A x: a frozen projection plus its gated LoRA expert (if any)."""
+    out = _linear(module, inp)
+    if name not in experts:
+        return out
+    e = experts[name]
+    return out + w[name] * (e.scaling * inp @ e.lora_A.T @ e.lora_B.T)
+
+
 def reference_logits(model, moa, ids, gate_override=None):
     """The decoder written out with MoA's gated experts (MoA Sec. 3; LLaMA-Adapter Eq. 6-8 for the prompt)."""
     config = model.config
@@ -55,15 +65,7 @@ def reference_logits(model, moa, ids, gate_override=None):
         if gate_override is not None:
             g = gate_override(index, g)
         w = {name: g[..., i:i + 1] for i, name in enumerate(layer.names)}
-
-        def lora(name, inp):
-            e = experts[name]
-            return e.scaling * inp @ e.lora_A.T @ e.lora_B.T
-
-        def proj(name, module, inp):
-            out = _linear(module, inp)
-            return out + w[name] * lora(name, inp) if name in experts else out
-
+        proj = functools.partial(_gated_projection, experts, w)
         q = proj("q", attn_mod.q_proj, n).view(b, t, heads, dim)
         k = proj("k", attn_mod.k_proj, n).view(b, t, kv_heads, dim)
         v = proj("v", attn_mod.v_proj, n).view(b, t, kv_heads, dim)
