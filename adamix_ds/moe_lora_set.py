@@ -43,7 +43,13 @@ class MoELoRASet(HookedMixtures):
         return cls(config, [Target(**t) for t in description["targets"]], seed)
 
     def hooks(self, model: nn.Module, modules: dict[str, nn.Module]) -> list:
-        return [modules[t.name].register_forward_hook(self._hook(t, m)) for t, m in zip(self.targets, self.mixtures)]
+        handles = [modules[t.name].register_forward_hook(self._hook(t, m)) for t, m in zip(self.targets, self.mixtures)]
+        # Each forward starts a fresh list of load-balancing losses (an unread one never piles up).
+        handles.append(getattr(model, "base_model", model).register_forward_pre_hook(self._new_forward))
+        return handles
+
+    def _new_forward(self, *_args) -> None:
+        self.stats.aux_losses.clear()
 
     def _hook(self, target: Target, mixture: RoutedLoRA):
         layer = layer_of(target.name)

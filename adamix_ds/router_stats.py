@@ -53,7 +53,7 @@ class RouterStats:
             self.aux_losses.append(loss)
 
     def pop_aux_loss(self) -> torch.Tensor | None:
-        """Mean load-balancing loss of the routers run since the last call (with its graph), or None."""
+        """Mean load-balancing loss of the routers of the last forward (with its graph), or None."""
         losses, self.aux_losses = self.aux_losses, []
         return torch.stack(losses).mean() if losses else None
 
