@@ -11,6 +11,10 @@ Rows (same targets q_proj, v_proj, same rank):
   d  AdaMix-LoRA, M = 4, consistency from one doubled-batch forward
   e  the same consistency loss the reference way: two separate forwards, KL on full logits
   f  AdaMix-adapter, M = 4
+  g  moa-soft (LoRA q, k, v, o, down r 8, parallel adapter 16, prompt 10; linear router)
+  h  moa-sparse with its threshold as initialised (nearly every expert active)
+  i  moa-sparse with the threshold set so that about half the (token, expert) pairs are active
+  j  moa-sparse with about a quarter active
 Rows alternate (a b c ... a b c ...) so that drift on a shared machine hits all rows alike; the first
 visit of every row is warm-up. Results go to benchmarks/results/<name>.json and .md.
 """
@@ -28,14 +32,14 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from adamix_ds import MixtureConfig, MixtureSet, causal_lm_losses, distributed
+from adamix_ds import MixtureConfig, causal_lm_losses, distributed
 from adamix_ds.arguments import ModelArguments, TrainArguments
 from adamix_ds.ds_config import load_ds_config, resolve_ds_config
 from adamix_ds.merged_export import folded_deltas, write_merged_model
 from adamix_ds.merging import merge_experts
+from adamix_ds.mixture_families import mixture_class
 from adamix_ds.monitoring import peak_memory_gb
 from adamix_ds.sharded_base import load_base
-from adamix_ds.targets import resolve_targets
 from adamix_ds.tiny_models import builtin_config
 
 ROWS = {
@@ -45,7 +49,13 @@ ROWS = {
     "d": "AdaMix-LoRA M=4 + consistency (one doubled forward)",
     "e": "AdaMix-LoRA M=4 + consistency (two forwards, reference way)",
     "f": "AdaMix-adapter M=4",
+    "g": "moa-soft",
+    "h": "moa-sparse",
+    "i": "moa-sparse",
+    "j": "moa-sparse",
 }
+SPARSE_SHARE = {"i": 0.5, "j": 0.25}
+"""Target share of active (token, expert) pairs of the rows with a set threshold."""
 
 
 def parse() -> argparse.Namespace:
@@ -56,7 +66,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--rounds", type=int, default=4, help="visits of every row (the first is warm-up)")
     p.add_argument("--steps", type=int, default=3, help="steps per visit")
-    p.add_argument("--rows", default="abcdef")
+    p.add_argument("--rows", default="abcdefghij")
     p.add_argument("--deepspeed", default="ds_configs/zero3.json")
     p.add_argument("--name", default=None, help="results file name (default: derived from the device)")
     p.add_argument("--local_rank", type=int, default=-1)
@@ -69,7 +79,8 @@ class MixtureRow:
     def __init__(self, model, config: MixtureConfig, device, consistency: str | None) -> None:
         self.model, self.consistency = model, consistency
         torch.manual_seed(0)
-        self.mixtures = MixtureSet(config, resolve_targets(model, config)).to(device)
+        family = mixture_class(config)
+        self.mixtures = family(config, family.locate(model, config)).to(device)
         self.params = list(self.mixtures.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.step_index = 0
@@ -81,8 +92,9 @@ class MixtureRow:
         self.mixtures.detach()
 
     def step(self, ids: torch.Tensor) -> None:
-        router = self.mixtures.router
-        router.step = self.step_index
+        router = getattr(self.mixtures, "router", None)
+        if router is not None:
+            router.step = self.step_index
         self.model.train()
         if self.consistency == "two_forwards":
             with router.use_passes(0):
@@ -142,6 +154,41 @@ class PeftRow:
         self.engine.step()
 
 
+def set_active_share(row: "MixtureRow", share: float, args, device) -> None:
+    """Make each layer's threshold a constant at the (1 - share) quantile of its gates on a random batch."""
+    gates = {}
+    handles = [layer_norm_hook(row.model, i, gates) for i in range(len(row.mixtures.layers))]
+    ids = torch.randint(4, args.vocab, (args.micro, args.seq), generator=torch.Generator().manual_seed(99)).to(device)
+    row.enter()
+    with torch.no_grad():
+        row.model.eval()(input_ids=ids, use_cache=False)
+    row.leave()
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        for i, layer in enumerate(row.mixtures.layers):
+            scores = torch.sigmoid(layer.router.net(gates[i].to(layer.router.net.weight.dtype))).float()
+            level = torch.quantile(scores.flatten()[:100_000], 1.0 - share).clamp(1e-4, 1 - 1e-4)
+            level = distributed.all_reduce_sum(level.reshape(1).cpu()) / distributed.world_size()
+            layer.router.threshold.weight.zero_()
+            layer.router.threshold.bias.fill_(torch.logit(level / layer.router.max_threshold).item())
+
+
+def layer_norm_hook(model, index: int, store: dict):
+    def keep(module, args, out):
+        store[index] = out.detach().reshape(-1, out.shape[-1])
+
+    return model.model.layers[index].input_layernorm.register_forward_hook(keep)
+
+
+def active_share(row) -> float | None:
+    """Mean share of active (token, expert) pairs of a sparse row since its stats were last read."""
+    metrics = row.mixtures.stats.metrics() if hasattr(row.mixtures, "stats") else {}
+    if "routers/active_experts" not in metrics:
+        return None
+    return metrics["routers/active_experts"] / row.mixtures.config.num_experts
+
+
 def summarise(times: list[float], tokens_per_step: int) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), statistics.median(times), max(times)]
     median = statistics.median(times)
@@ -171,6 +218,12 @@ def main() -> None:
         elif key == "f":
             rows[key] = MixtureRow(base.model, MixtureConfig(method="adamix-adapter", num_experts=4, share="none"),
                                    device, None)
+        elif key == "g":
+            rows[key] = MixtureRow(base.model, MixtureConfig(method="moa-soft"), device, None)
+        else:
+            rows[key] = MixtureRow(base.model, MixtureConfig(method="moa-sparse", max_threshold=1.0), device, None)
+            if key in SPARSE_SHARE:
+                set_active_share(rows[key], SPARSE_SHARE[key], args, device)
     generator = torch.Generator().manual_seed(distributed.rank())
     times: dict[str, list[float]] = {key: [] for key in rows}
     memory: dict[str, float] = {}
@@ -196,6 +249,11 @@ def main() -> None:
     tokens_per_step = args.micro * args.seq * world
     results = {key: {"row": ROWS[key], **summarise(times[key], tokens_per_step), "peak_memory_gb": memory[key]}
                for key in rows}
+    for key, row in rows.items():
+        share = active_share(row)
+        if share is not None:
+            results[key]["active_share"] = share
+            results[key]["row"] = f"{ROWS[key]} ({100 * share:.0f}% of (token, expert) pairs active)"
     merge = measure_merge(base, rows, args)
     if distributed.is_main():
         write_results(args, results, merge, ds_config, world)

@@ -26,12 +26,16 @@ def _worker(rank, port, queue):
 
         dist.all_reduce = counting
         g = torch.Generator().manual_seed(rank)
-        params = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 7, 3, 9)]
-        for p in params:
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 7, 3, 9, 4, 2)]
+        for p in params[:4]:
             p.grad = torch.randn(p.shape, generator=g)
-        local = [p.grad.clone() for p in params]
+        if rank == 1:  # a gradient only one rank has (a sparse expert no token of rank 0 chose)
+            params[4].grad = torch.randn(4, generator=g)
+        local = [p.grad.clone() if p.grad is not None else torch.zeros(p.shape) for p in params[:5]]
         distributed.all_reduce_gradients(params, bucket_numel=12)
         dist.all_reduce = original
+        assert params[5].grad is None  # absent on every rank: stays absent (the optimizer skips it)
+        params = params[:5]
         seed = distributed.broadcast_int(1000 + rank)
         same = distributed.tensor_digest([torch.ones(3)])
         distributed.check_replicas_agree([torch.ones(3)], "ones")
@@ -57,8 +61,9 @@ def test_bucketed_all_reduce_seed_broadcast_and_replica_check():
         p.join(timeout=60)
         assert p.exitcode == 0
     (calls0, grads0, local0, seed0, same0, div0), (calls1, grads1, local1, seed1, same1, div1) = results[0], results[1]
-    # 4 tensors of 5, 7, 3, 9 elements in buckets of at most 12: [5, 7], [3, 9] -> 2 calls, not 4.
-    assert calls0 == calls1 == [12, 12]
+    # One call agrees on which of the 6 gradients exist; then 5 tensors of 5, 7, 3, 9, 4 elements in buckets
+    # of at most 12: [5, 7], [3, 9], [4] -> 3 calls, not 5.
+    assert calls0 == calls1 == [6, 12, 12, 4]
     for g0, g1, a, b in zip(grads0, grads1, local0, local1):
         expected = torch.tensor(a) + torch.tensor(b)
         torch.testing.assert_close(torch.tensor(g0), expected)
