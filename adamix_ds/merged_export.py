@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 
 import torch
@@ -87,7 +88,8 @@ def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenize
                     delta, transposed = deltas[name]
                     value = (value.float() + (delta.T if transposed else delta)).to(value.dtype)
                 shard[name] = value.contiguous()
-    save_file(shard, directory / shard_name, metadata={"format": "pt"})
+    save_file(shard, directory / shard_name,
+              metadata={"format": "pt", "written_by": f"rank {rank} of {world} on {socket.gethostname()}"})
     if rank == 0:
         weight_map = {name: f"model-{o + 1:05d}-of-{world:05d}.safetensors" for (name, _), o in zip(entries, owners)}
         total = sum(full_numel(t) * t.element_size() for _, t in entries)

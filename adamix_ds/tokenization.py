@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import datasets
@@ -165,11 +166,19 @@ def _tokenize_into(target: Path, path: str, data_args: DataArguments, tokenizer:
                  remove_columns=raw.column_names, desc=f"tokenizing {Path(path).name}")
     ds = _limit(ds, data_args.max_seq_length, data_args.drop_long, data_args.packing, fmt)
     ds = _add_target_counts(ds, path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp = target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}")
     ds.save_to_disk(str(tmp))
     (tmp / "COMPLETE").write_text(path + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    # On a disk shared by several nodes, each node's first rank may get here; every copy is identical,
+    # and all ranks read only after the job-wide barrier, so the first complete one is kept.
+    if not (target / "COMPLETE").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # an interrupted earlier attempt
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "COMPLETE").is_file():
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
     logger.info("tokenized %s: %d examples (cache %s)", path, len(ds), target)
 
 

@@ -183,7 +183,8 @@ def layer_norm_hook(model, index: int, store: dict):
 
 def active_share(row) -> float | None:
     """Mean share of active (token, expert) pairs of a sparse row since its stats were last read."""
-    metrics = row.mixtures.stats.metrics() if hasattr(row.mixtures, "stats") else {}
+    stats = getattr(getattr(row, "mixtures", None), "stats", None)
+    metrics = stats.metrics() if stats is not None else {}
     if "routers/active_experts" not in metrics:
         return None
     return metrics["routers/active_experts"] / row.mixtures.config.num_experts
@@ -220,10 +221,11 @@ def main() -> None:
                                    device, None)
         elif key == "g":
             rows[key] = MixtureRow(base.model, MixtureConfig(method="moa-soft"), device, None)
+        elif key == "h":
+            rows[key] = MixtureRow(base.model, MixtureConfig(method="moa-sparse"), device, None)
         else:
             rows[key] = MixtureRow(base.model, MixtureConfig(method="moa-sparse", max_threshold=1.0), device, None)
-            if key in SPARSE_SHARE:
-                set_active_share(rows[key], SPARSE_SHARE[key], args, device)
+            set_active_share(rows[key], SPARSE_SHARE[key], args, device)
     generator = torch.Generator().manual_seed(distributed.rank())
     times: dict[str, list[float]] = {key: [] for key in rows}
     memory: dict[str, float] = {}
