@@ -95,6 +95,11 @@ class TrainArguments:
     num_samples: int = field(default=4, metadata={"help": "Generate for this many held-out prompts at the end."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample."})
     merge_at_end: bool = field(default=True, metadata={"help": "Write merged adapter and model after training."})
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={"help": "Seconds a collective may wait for the other ranks before the job fails (a host that "
+                          "vanished without closing its connections ends the job after this; Hugging Face's name)."},
+    )
 
 
 DEFAULT_RUN = Path(__file__).resolve().parent / "resources" / "default_run.json"

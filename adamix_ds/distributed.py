@@ -16,7 +16,7 @@ DEFAULT_BUCKET_NUMEL = 50_000_000
 DEFAULT_MASTER_PORT = 29500
 
 
-def init_process_group(timeout_s: float = 600.0) -> None:
+def init_process_group(timeout_s: float = 1800.0) -> None:
     """Join (or form) the process group: deepspeed launcher, torchrun, SLURM-mapped variables or MPI.
 
     A single process without any launcher variables runs as a world of one.

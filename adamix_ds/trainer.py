@@ -279,7 +279,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mixture_config: 
     from .mixture_trainer import MixtureTrainer
     from .routed_trainer import RoutedTrainer
 
-    distributed.init_process_group()
+    distributed.init_process_group(timeout_s=args.ddp_timeout)
     distributed.setup_rank_logging()
     try:
         cls = FullTrainer if mixture_config.is_full else RoutedTrainer if mixture_config.is_routed else MixtureTrainer

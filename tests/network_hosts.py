@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,17 @@ class TwoHosts:
 
     def __exit__(self, *exc) -> None:
         for host in self.hosts:
+            kill_all_in(host)
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)  # the veth goes with it
+
+
+def kill_all_in(host: TestHost) -> None:
+    """SIGKILL every process left in the host (a killed launcher's orphaned ranks)."""
+    for pid in processes_in(host, ""):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def processes_in(host: TestHost, needle: str) -> list[int]:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from adamix_ds import fold_into_base, load_mixtures, merge_experts
 
 from launching import REPO, cpu_env, free_port, run_entry, train_losses
-from network_hosts import TwoHosts, processes_in
+from network_hosts import TwoHosts, kill_all_in, processes_in
 
 STEPS = 4
 
@@ -51,13 +51,21 @@ def _finish(procs, timeout=300):
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
             raise AssertionError("the two-host job did not finish in time") from None
         outputs.append(out)
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-6000:]
     return outputs
+
+
+def _stop(procs, hosts):
+    """End what is left of a job on both hosts: launchers and the ranks they leave behind."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+    for host in hosts:
+        kill_all_in(host)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +123,7 @@ def test_both_hosts_write_the_merged_checkpoint_and_it_loads_plainly(runs, works
     assert writers == ["rank 0 of 2 on testhost0", "rank 1 of 2 on testhost1"]
     merged = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     base = AutoModelForCausalLM.from_pretrained(workspace.base).eval()
-    mixtures = load_mixtures(base, runs["two_hosts"] / "checkpoints" / f"step-{STEPS}")
+    mixtures = load_mixtures(base, runs["two_hosts"] / "checkpoints" / f"step-{STEPS}", attach=False)
     fold_into_base(base, merge_experts(mixtures))
     ids = torch.tensor([[1, 17, 42, 99, 5, 23]])
     with torch.no_grad():
@@ -148,9 +156,29 @@ def test_killing_the_rank_on_one_host_ends_the_job_on_the_other(hosts, hostfile,
         procs[0].wait(timeout=60)
         ended_after = time.monotonic() - killed_at
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+        _stop(procs, hosts)
+    print(f"host 0 ended {ended_after:.1f} s after the kill on host 1")
     assert procs[0].returncode != 0 and ended_after < 60
     assert not processes_in(hosts[0], "--local_rank")
+
+
+def test_a_vanished_host_ends_the_job_after_the_ddp_timeout(hosts, hostfile, workspace, tmp_path):
+    """A host that drops off the network closes no connection; the collective timeout ends the survivor."""
+    procs = _launch(hosts, hostfile, free_port(), lambda node: _train_args(
+        workspace, tmp_path / "vanished", seed=7, extra=("--max_steps", "100000", "--save_steps", "0",
+                                                         "--ddp_timeout", "20")))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (tmp_path / "vanished" / "tensorboard").exists():
+            time.sleep(2)
+            assert all(p.poll() is None for p in procs), "the job ended before the host vanished"
+        time.sleep(3)
+        subprocess.run(["ip", "-n", hosts[1].namespace, "link", "set", hosts[1].interface, "down"], check=True)
+        gone_at = time.monotonic()
+        procs[0].wait(timeout=90)
+        ended_after = time.monotonic() - gone_at
+    finally:
+        subprocess.run(["ip", "-n", hosts[1].namespace, "link", "set", hosts[1].interface, "up"])
+        _stop(procs, hosts)
+    print(f"host 0 ended {ended_after:.1f} s after host 1 vanished")
+    assert procs[0].returncode != 0 and ended_after < 60
