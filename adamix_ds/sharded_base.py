@@ -71,7 +71,8 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
     if not trainable:
         model.requires_grad_(False)
         if stage == 3:
-            keep.append(_attach_coordinator(model, ds_config))
+            coordinator = _attach_coordinator(model, ds_config)
+            keep += [coordinator, _reset_per_decoder_forward(model, coordinator)]
         else:
             model.to(device)
     return ShardedBase(model=model, stage=stage, device=device, _keepalive=keep)
@@ -97,3 +98,31 @@ def _attach_coordinator(model: torch.nn.Module, ds_config: dict):
         model_persistence_threshold=zero.model_persistence_threshold,
         offload_param_config=zero.offload_param,
     )
+
+
+def _reset_per_decoder_forward(model: torch.nn.Module, coordinator) -> list:
+    """Start a new coordinator step whenever the decoder runs on its own.
+
+    DeepSpeed starts a step (resets its fetch counters, completes the recorded module trace that
+    drives prefetching) when the forward of the module it was given starts. The training and eval
+    losses call the decoder (model.base_model) directly and apply the output projection in chunks,
+    so without this every step would extend one endless trace: no prefetch, and each layer's
+    gather in backward waited for synchronously. Calls through the whole model reset once, as before.
+    """
+    decoder = getattr(model, "base_model", model)
+    if decoder is model:
+        return []
+    inside_model = [False]
+
+    def enter(*_args) -> None:
+        inside_model[0] = True
+
+    def leave(*_args) -> None:
+        inside_model[0] = False
+
+    def decoder_starts(*_args) -> None:
+        if not inside_model[0]:
+            coordinator.get_param_coordinator().reset_step()
+
+    return [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True),
+            decoder.register_forward_pre_hook(decoder_starts)]
