@@ -166,4 +166,21 @@ def barrier() -> None:
 def destroy_process_group() -> None:
     """Leave the group cleanly (MPI reports an abort otherwise)."""
     if dist.is_initialized():
+        shm_buffers = _cpu_shm_buffers()
         dist.destroy_process_group()
+        for path in shm_buffers:
+            path.unlink(missing_ok=True)
+
+
+def _cpu_shm_buffers() -> list:
+    """This rank's all-reduce buffers of DeepSpeed's CPU shared-memory op (/dev/shm, about 70 MB a rank).
+
+    DeepSpeed creates them when the group forms on a CPU and never removes them, so every CPU job would
+    leave its buffers in memory until reboot; the mappings stay valid for peers after the name is gone.
+    """
+    from pathlib import Path
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port or not Path("/dev/shm").is_dir():
+        return []
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank()}"))

@@ -6,6 +6,19 @@ from adamix_ds.tiny_models import tiny_model
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _remove_shm_buffers_left_by_killed_ranks():
+    """DeepSpeed's CPU all-reduce buffers (/dev/shm, about 70 MB a rank) outlive ranks that the tests kill;
+    remove the ones this session created so that repeated runs do not fill the machine's memory."""
+    from pathlib import Path
+
+    pattern = "deepspeed_allreduce_buffer_*"
+    before = set(Path("/dev/shm").glob(pattern))
+    yield
+    for path in set(Path("/dev/shm").glob(pattern)) - before:
+        path.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
