@@ -27,7 +27,28 @@ def peak_memory_gb() -> float:
     """Peak device memory of this process on a GPU, else its peak resident set size (both in GB)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
+    try:  # VmHWM: the peak since the last reset_peak_memory(), where Linux allows resetting it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def reset_peak_memory() -> bool:
+    """Start a new peak: CUDA's allocator statistics, or on a CPU the process's peak RSS (Linux clear_refs 5).
+
+    Returns False where the CPU peak cannot be reset (then peak_memory_gb is the peak so far).
+    """
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def _per_layer(key: str) -> bool:

@@ -38,7 +38,7 @@ from adamix_ds.ds_config import load_ds_config, resolve_ds_config
 from adamix_ds.merged_export import folded_deltas, write_merged_model
 from adamix_ds.merging import merge_experts
 from adamix_ds.mixture_families import mixture_class
-from adamix_ds.monitoring import peak_memory_gb
+from adamix_ds.monitoring import peak_memory_gb, reset_peak_memory
 from adamix_ds.sharded_base import load_base
 from adamix_ds.tiny_models import builtin_config
 
@@ -69,6 +69,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rows", default="abcdefghij")
     p.add_argument("--deepspeed", default="ds_configs/zero3.json")
     p.add_argument("--name", default=None, help="results file name (default: derived from the device)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's dense peak TFLOP/s per rank for MFU (default: known GPUs, e.g. H100 989 bf16)")
     p.add_argument("--local_rank", type=int, default=-1)
     return p.parse_args()
 
@@ -190,6 +192,29 @@ def active_share(row) -> float | None:
     return metrics["routers/active_experts"] / row.mixtures.config.num_experts
 
 
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+"""Dense bf16 tensor-core peak per GPU (vendor data sheets, SXM parts)."""
+
+
+def peak_tflops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def model_flops_per_token(model, seq: int) -> float:
+    """Forward plus the backward to the inputs of a frozen base: 4 N matmul FLOPs per token (no weight
+    gradients), plus attention scores and values, 4 x layers x seq x width forward and twice that back."""
+    from adamix_ds.sharded import full_numel
+
+    config = model.config
+    n = sum(full_numel(p) for name, p in model.named_parameters() if "embed_tokens" not in name)
+    return 4 * n + 12 * config.num_hidden_layers * seq * config.hidden_size
+
+
 def summarise(times: list[float], tokens_per_step: int) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), statistics.median(times), max(times)]
     median = statistics.median(times)
@@ -229,11 +254,11 @@ def main() -> None:
     generator = torch.Generator().manual_seed(distributed.rank())
     times: dict[str, list[float]] = {key: [] for key in rows}
     memory: dict[str, float] = {}
+    per_row_memory = True
     for visit in range(args.rounds):
         for key, row in rows.items():
             row.enter()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
+            per_row_memory = reset_peak_memory() and per_row_memory
             for _ in range(args.steps):
                 ids = torch.randint(4, args.vocab, (args.micro, args.seq), generator=generator).to(device)
                 distributed.barrier()
@@ -251,6 +276,11 @@ def main() -> None:
     tokens_per_step = args.micro * args.seq * world
     results = {key: {"row": ROWS[key], **summarise(times[key], tokens_per_step), "peak_memory_gb": memory[key]}
                for key in rows}
+    peak = peak_tflops(args)
+    if peak:
+        flops = model_flops_per_token(base.model, args.seq)
+        for r in results.values():
+            r["mfu"] = r["tokens_per_s"] / world * flops / (peak * 1e12)
     for key, row in rows.items():
         share = active_share(row)
         if share is not None:
@@ -258,7 +288,7 @@ def main() -> None:
             results[key]["row"] = f"{ROWS[key]} ({100 * share:.0f}% of (token, expert) pairs active)"
     merge = measure_merge(base, rows, args)
     if distributed.is_main():
-        write_results(args, results, merge, ds_config, world)
+        write_results(args, results, merge, ds_config, world, per_row_memory)
     distributed.destroy_process_group()
 
 
@@ -284,26 +314,34 @@ def measure_merge(base, rows, args) -> dict:
     return out
 
 
-def write_results(args, results: dict, merge: dict, ds_config: dict, world: int) -> None:
+def memory_header(per_row: bool) -> str:
+    if torch.cuda.is_available():
+        return "peak GPU memory per rank (GB)"
+    return "peak RSS per rank (GB)" if per_row else "process peak RSS so far (GB)"
+
+
+def write_results(args, results: dict, merge: dict, ds_config: dict, world: int, per_row_memory: bool) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     name = args.name or ("gpu" if torch.cuda.is_available() else "cpu")
     base_row = results.get("b")
+    with_mfu = all("mfu" in r for r in results.values())
     lines = [f"Measured on {device}, {world} ranks, ZeRO-3, {args.model} (vocab {args.vocab}), micro-batch "
              f"{args.micro} x {args.seq} tokens per rank, bf16 {ds_config['bf16']['enabled']}; median of "
              f"{(args.rounds - 1) * args.steps} steps per row after warm-up, rows interleaved.", "",
-             "| row | median step (s) | p25-p75 (s) | tokens/s | "
-             + ("peak GPU memory/rank (GB)" if torch.cuda.is_available() else "process peak RSS so far (GB)")
-             + " | vs (b) |",
-             "|---|---|---|---|---|---|"]
+             f"| row | median step (s) | p25-p75 (s) | tokens/s | {memory_header(per_row_memory)} | vs (b) |"
+             + (" MFU |" if with_mfu else ""),
+             "|---|---|---|---|---|---|" + ("---|" if with_mfu else "")]
     for key, r in results.items():
         ratio = f"{r['median_s'] / base_row['median_s']:.2f}" if base_row else "-"
         lines.append(f"| ({key}) {r['row']} | {r['median_s']:.3f} | {r['p25_s']:.3f}-{r['p75_s']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['peak_memory_gb']:.2f} | {ratio} |")
+                     f"{r['tokens_per_s']:.0f} | {r['peak_memory_gb']:.2f} | {ratio} |"
+                     + (f" {100 * r['mfu']:.1f}% |" if with_mfu else ""))
     if merge:
         lines += ["", "| merge | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in merge.items()]
     directory = Path(__file__).resolve().parent / "results"
     directory.mkdir(exist_ok=True)
-    record = {"device": device, "world_size": world, "args": vars(args), "rows": results, "merge": merge}
+    record = {"device": device, "world_size": world, "args": vars(args), "rows": results, "merge": merge,
+              "memory": memory_header(per_row_memory)}
     (directory / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (directory / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
