@@ -7,7 +7,8 @@ Forward hooks on the base modules add the mixtures' updates; `detach()` restores
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import asdict
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -16,11 +17,19 @@ from .config import MixtureConfig
 
 
 class HookedMixtures(nn.Module):
-    """Subclasses say where they go (`locate`), what they hold per module (`parts`) and how they hook in."""
+    """Subclasses say where they go (`locate`), what they hold per module (`parts`) and how they hook in.
 
-    def __init__(self, config: MixtureConfig, seed: int = 0) -> None:
+    The insertion points are frozen dataclasses of `point_type` with a `name`; checkpoints store them
+    under `points_key`.
+    """
+
+    point_type: ClassVar[type]
+    points_key: ClassVar[str]
+
+    def __init__(self, config: MixtureConfig, points: list, seed: int = 0) -> None:
         super().__init__()
         self.config, self.seed = config, seed
+        self.points = list(points)
         self._handles: list = []
 
     # What a family provides.
@@ -37,15 +46,15 @@ class HookedMixtures(nn.Module):
         """Register the forward hooks on the named base modules; return their handles."""
         raise NotImplementedError
 
+    # Shared.
     def describe(self) -> dict:
         """JSON-able structure that `from_description` rebuilds the (untrained) mixtures from."""
-        raise NotImplementedError
+        return {self.points_key: [asdict(p) for p in self.points]}
 
     @classmethod
     def from_description(cls, config: MixtureConfig, description: dict, seed: int) -> "HookedMixtures":
-        raise NotImplementedError
+        return cls(config, [cls.point_type(**p) for p in description[cls.points_key]], seed)
 
-    # Shared.
     @classmethod
     def inject(cls, model: nn.Module, config: MixtureConfig, seed: int = 0) -> "HookedMixtures":
         """Locate the insertion points on `model`, build the mixtures and attach them."""
@@ -54,7 +63,7 @@ class HookedMixtures(nn.Module):
         return mixtures
 
     def module_names(self) -> list[str]:
-        return [name for name, _ in self.parts()]
+        return [p.name for p in self.points]
 
     @property
     def attached(self) -> bool:

@@ -21,9 +21,10 @@ from .targets import Target, resolve_targets
 class MixtureSet(HookedMixtures):
     """The mixtures of one model, one per target, in routing-slot order, with the router they share."""
 
+    point_type, points_key = Target, "targets"
+
     def __init__(self, config: MixtureConfig, targets: list[Target], seed: int = 0) -> None:
-        super().__init__(config, seed)
-        self.targets = list(targets)
+        super().__init__(config, targets, seed)
         self.router = Router(seed=seed, eval_mode=config.eval_mode)
         self.mixtures = nn.ModuleList(self._build(t) for t in self.targets)
         self.folded = False
@@ -44,15 +45,12 @@ class MixtureSet(HookedMixtures):
             raise ValueError("--method full trains the base itself; it has no mixtures to inject")
         return resolve_targets(model, config)
 
+    @property
+    def targets(self) -> list[Target]:
+        return self.points
+
     def parts(self) -> Iterator[tuple[str, nn.Module]]:
         return ((t.name, m) for t, m in zip(self.targets, self.mixtures))
-
-    def describe(self) -> dict:
-        return {"targets": [vars(t) for t in self.targets]}
-
-    @classmethod
-    def from_description(cls, config: MixtureConfig, description: dict, seed: int) -> "MixtureSet":
-        return cls(config, [Target(**t) for t in description["targets"]], seed)
 
     def hooks(self, model: nn.Module, modules: dict[str, nn.Module]) -> list:
         """Hook every mixture onto its target module (and count the decoder's forwards)."""

@@ -16,7 +16,6 @@ append before the call and split off after it.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Iterator
 
 import torch
@@ -24,8 +23,8 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .config import MixtureConfig
-from .hooked_mixtures import HookedMixtures
 from .decoder_layout import PROJECTIONS, DecoderLayerSpec, decoder_layers
+from .hooked_mixtures import HookedMixtures
 from .moa_experts import LoRAExpert, ParallelAdapter, PromptExpert, gated_update
 from .router_stats import RouterStats
 from .token_router import TokenRouter
@@ -84,25 +83,19 @@ class MoALayer(nn.Module):
 class MoASet(HookedMixtures):
     """The MoA layers of one model, outside its module tree (replicated under ZeRO-3), attached by hooks."""
 
+    point_type, points_key = DecoderLayerSpec, "layers"
+
     def __init__(self, config: MixtureConfig, layers: list[DecoderLayerSpec], seed: int = 0) -> None:
-        super().__init__(config, seed)
-        self.specs = list(layers)
+        super().__init__(config, layers, seed)
         self.stats = RouterStats()
-        self.layers = nn.ModuleList(MoALayer(spec, config, self.stats) for spec in self.specs)
+        self.layers = nn.ModuleList(MoALayer(spec, config, self.stats) for spec in self.points)
 
     @classmethod
     def locate(cls, model: nn.Module, config: MixtureConfig) -> list[DecoderLayerSpec]:
         return decoder_layers(model)
 
     def parts(self) -> Iterator[tuple[str, nn.Module]]:
-        return ((s.name, layer) for s, layer in zip(self.specs, self.layers))
-
-    def describe(self) -> dict:
-        return {"layers": [asdict(s) for s in self.specs]}
-
-    @classmethod
-    def from_description(cls, config: MixtureConfig, description: dict, seed: int) -> "MoASet":
-        return cls(config, [DecoderLayerSpec(**s) for s in description["layers"]], seed)
+        return ((layer.spec.name, layer) for layer in self.layers)
 
     def hooks(self, model: nn.Module, modules: dict[str, nn.Module]) -> list:
         handles: list = []

@@ -10,15 +10,16 @@ from torch import nn
 from .config import MixtureConfig
 from .expert_diagnostics import layer_of
 from .hooked_mixtures import HookedMixtures
-from .router_stats import RouterStats
 from .routed_lora import GATE_OF_METHOD, RoutedLoRA
+from .router_stats import RouterStats
 from .targets import Target, resolve_routed_targets
 
 
 class MoELoRASet(HookedMixtures):
+    point_type, points_key = Target, "targets"
+
     def __init__(self, config: MixtureConfig, targets: list[Target], seed: int = 0) -> None:
-        super().__init__(config, seed)
-        self.targets = list(targets)
+        super().__init__(config, targets, seed)
         self.stats = RouterStats()
         self.expert_labels = [f"expert_{e}" for e in range(config.num_experts)]
         self.mixtures = nn.ModuleList(
@@ -32,15 +33,12 @@ class MoELoRASet(HookedMixtures):
     def locate(cls, model: nn.Module, config: MixtureConfig) -> list[Target]:
         return resolve_routed_targets(model, config)
 
+    @property
+    def targets(self) -> list[Target]:
+        return self.points
+
     def parts(self) -> Iterator[tuple[str, nn.Module]]:
         return ((t.name, m) for t, m in zip(self.targets, self.mixtures))
-
-    def describe(self) -> dict:
-        return {"targets": [vars(t) for t in self.targets]}
-
-    @classmethod
-    def from_description(cls, config: MixtureConfig, description: dict, seed: int) -> "MoELoRASet":
-        return cls(config, [Target(**t) for t in description["targets"]], seed)
 
     def hooks(self, model: nn.Module, modules: dict[str, nn.Module]) -> list:
         handles = [modules[t.name].register_forward_hook(self._hook(t, m)) for t, m in zip(self.targets, self.mixtures)]
