@@ -1,0 +1,266 @@
+"""The quality study from raw Debian files to a results table, resumable stage by stage.
+
+Stages (each skipped when its output exists): the documentation corpus and tokenizer, the WordNet task
+files, the initial model, pretraining (`--method full`, ZeRO-3, `pretrain_ranks` ranks), one fine-tuning
+job per (task, method, seed), `parallel_jobs` at a time, each scored on dev and test in every serving
+mode, and the aggregate: results.json and results.md under the work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from . import pretraining, python_docs, wordnet_tasks
+from .presets import Preset, StudyMethod
+from .scoring import HEADLINE
+
+logger = logging.getLogger("adamix_ds.study")
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    method: StudyMethod
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.method.name}/seed-{self.seed}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flags(options: dict) -> list[str]:
+    return [item for key, value in options.items() for item in (f"--{key}", str(value))]
+
+
+class QualityStudy:
+    def __init__(self, preset: Preset, methods: list[StudyMethod], work_dir: Path, data_dir: Path, train_script: Path,
+                 tasks: tuple[str, ...] = wordnet_tasks.TASKS, docs_root: Path | None = None,
+                 wordnet_dir: Path = Path("/usr/share/wordnet")) -> None:
+        self.preset, self.methods, self.tasks = preset, methods, tasks
+        self.work_dir, self.data_dir, self.train_script = work_dir, data_dir, train_script
+        self.docs_root, self.wordnet_dir = docs_root, wordnet_dir
+        self.gpu = _has_gpu()
+        self.timings: dict[str, float] = {}
+
+    # Stages.
+    def prepare_data(self) -> None:
+        corpus_dir = self.data_dir / "python-docs"
+        if not (corpus_dir / "validation.txt").is_file():
+            logger.info("extracting the Python documentation's prose into %s", corpus_dir)
+            python_docs.write_corpus(corpus_dir, self.docs_root)
+        self.tokenizer = pretraining.train_tokenizer(corpus_dir / "train.txt", self.data_dir / "tokenizer",
+                                                     self.preset.vocab_size)
+        (self.work_dir / "pretrain-data").mkdir(parents=True, exist_ok=True)
+        self.pretrain_files = {
+            split: pretraining.text_rows(corpus_dir / f"{split}.txt", self.work_dir / "pretrain-data" / f"{split}.jsonl")
+            for split in ("train", "validation")
+        }
+        self.task_files = wordnet_tasks.write_task_files(self.work_dir / "tasks", self.preset.sizes,
+                                                         self.data_dir / "wordnet-splits.json", self.wordnet_dir)
+
+    def pretrain(self) -> Path:
+        p = self.preset
+        out = self.work_dir / "pretrain"
+        base = out / "merged" / "model"
+        if (out / "run.json").is_file() and (base / "config.json").is_file():
+            return base
+        init = pretraining.write_initial_model(self.work_dir / "initial-model", self.tokenizer, p.model,
+                                               p.vocab_size, seed=0)
+        options = {
+            "model_name_or_path": init, "method": "full", "data_path": self.pretrain_files["train"],
+            "eval_data_path": self.pretrain_files["validation"], "data_format": "text", "packing": "true",
+            "max_seq_length": p.seq_length, "per_device_train_batch_size": p.pretrain_batch,
+            "learning_rate": p.pretrain_lr, "warmup_steps": max(1, p.pretrain_steps // 20),
+            "max_steps": p.pretrain_steps, "weight_decay": 0.01, "logging_steps": 20,
+            "eval_steps": max(1, p.pretrain_steps // 4), "save_steps": 0, "num_samples": 2, "output_dir": out,
+            "deepspeed": self._ds_config(),
+        }
+        self._launch(options, out / "train.log", ranks=p.pretrain_ranks, threads=max(1, os.cpu_count() // p.pretrain_ranks))
+        return base
+
+    def jobs(self) -> list[Job]:
+        return [Job(task, method, seed) for task in self.tasks for method in self.methods for seed in self.preset.seeds]
+
+    def run_job(self, job: Job, base: Path) -> dict:
+        p = self.preset
+        out = self.work_dir / "runs" / job.name
+        scores_path = out / "scores.json"
+        if scores_path.is_file() and (out / "run.json").is_file():
+            return json.loads(scores_path.read_text())
+        if out.exists():
+            shutil.rmtree(out)  # an unfinished earlier attempt
+        files = self.task_files[job.task]
+        lr = p.learning_rates.get(job.method.name, p.learning_rates.get(job.method.options["method"],
+                                                                         p.learning_rates["default"]))
+        options = {
+            "model_name_or_path": base, **job.method.options, "data_path": files["train"],
+            "eval_data_path": files["dev"], "max_seq_length": 96, "per_device_train_batch_size": p.finetune_batch,
+            "learning_rate": lr, "warmup_steps": max(1, p.finetune_steps // 10), "max_steps": p.finetune_steps,
+            "logging_steps": 25, "save_steps": 0, "save_total_limit": 1, "num_samples": 0, "seed": job.seed,
+            "output_dir": out, "deepspeed": self._ds_config(),
+        }
+        if job.method.options["method"].startswith("adamix-"):
+            options["eval_modes"] = "merged,random"
+        start = time.perf_counter()
+        self._launch(options, out / "train.log", ranks=1, threads=p.threads_per_job)
+        trained = time.perf_counter() - start
+        command = [sys.executable, "-m", "adamix_ds.study.served_model", "--run_dir", str(out), "--base", str(base),
+                   "--task", job.task, "--modes", ",".join(job.method.modes),
+                   "--max_new_tokens", str(p.max_new_tokens[job.task]), "--batch_size", str(p.eval_batch),
+                   "--split", f"dev={files['dev']}", "--split", f"test={files['test']}"]
+        self._run(command, out / "score.log", threads=p.threads_per_job)
+        scores = json.loads(scores_path.read_text())
+        logger.info("%s: trained in %.0f s, scored in %.0f s: %s", job.name, trained,
+                    time.perf_counter() - start - trained,
+                    {k: round(v[HEADLINE[job.task]], 2) for k, v in scores.items()})
+        return scores
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        self.prepare_data()
+        self.timings["data_s"] = time.perf_counter() - started
+        base = self.pretrain()
+        self.timings["pretrain_s"] = time.perf_counter() - started - self.timings["data_s"]
+        jobs = self.jobs()
+        logger.info("%d fine-tuning jobs, %d at a time", len(jobs), self.preset.parallel_jobs)
+        with ThreadPoolExecutor(self.preset.parallel_jobs) as pool:
+            list(pool.map(lambda job: self.run_job(job, base), jobs))
+        self.timings["finetune_s"] = time.perf_counter() - started - self.timings["data_s"] - self.timings["pretrain_s"]
+        self.timings["total_s"] = time.perf_counter() - started
+        return self.aggregate(jobs)
+
+    # Helpers.
+    def _ds_config(self) -> Path:
+        return self.train_script.parent.parent / "ds_configs" / "zero3.json"
+
+    def _launch(self, options: dict, log: Path, ranks: int, threads: int) -> None:
+        script = str(self.train_script)
+        if ranks > 1:
+            command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), script]
+        else:
+            command = [sys.executable, script]
+        self._run(command + _flags(options), log, threads)
+
+    def _run(self, command: list[str], log: Path, threads: int) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        if not self.gpu:
+            env["DS_ACCELERATOR"] = "cpu"
+        with open(log, "w") as handle:
+            result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        if result.returncode != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise RuntimeError(f"{' '.join(command[:4])} ... failed with exit code {result.returncode}; "
+                               f"log {log}:\n{tail}")
+
+    def aggregate(self, jobs: list[Job]) -> dict:
+        rows = []
+        for task in self.tasks:
+            for method in self.methods:
+                mine = [j for j in jobs if j.task == task and j.method == method]
+                runs = [self.work_dir / "runs" / j.name for j in mine]
+                scores = [json.loads((r / "scores.json").read_text()) for r in runs]
+                record = json.loads((runs[0] / "run.json").read_text())
+                for mode in method.modes:
+                    row = {"task": task, "method": method.name, "serving": mode, "seeds": [j.seed for j in mine],
+                           "served_parameters": record["parameters"]["served"],
+                           "trained_parameters": record["parameters"]["trained"],
+                           "options": method.options}
+                    for split in ("dev", "test"):
+                        for metric in scores[0][f"{mode}/{split}"]:
+                            if metric in ("examples", "seconds"):
+                                continue
+                            values = [s[f"{mode}/{split}"][metric] for s in scores]
+                            row[f"{split}/{metric}"] = {"mean": statistics.mean(values),
+                                                        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                                                        "values": values}
+                    rows.append(row)
+        results = {
+            "preset": asdict(self.preset), "machine": _machine(), "timings_s": self.timings,
+            "pretraining": self._pretraining_summary(), "baselines": self._baselines(), "rows": rows,
+        }
+        (self.work_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (self.work_dir / "results.md").write_text(markdown_table(results))
+        return results
+
+    def _pretraining_summary(self) -> dict:
+        record = json.loads((self.work_dir / "pretrain" / "run.json").read_text())
+        evals = [h for h in record["history"] if "eval/model/loss" in h]
+        return {"parameters": record["parameters"]["base"], "steps": record["final_step"],
+                "eval_loss": [(h["step"], h["eval/model/loss"]) for h in evals]}
+
+    def _baselines(self) -> dict:
+        """Majority-class accuracy of supersense (the most frequent training label, scored on test)."""
+        if "supersense" not in self.tasks:
+            return {}
+        read = lambda split: [json.loads(line)["completion"].strip()  # noqa: E731
+                              for line in self.task_files["supersense"][split].read_text().splitlines()]
+        train, test = read("train"), read("test")
+        majority = max(set(train), key=train.count)
+        return {"supersense_majority": {"label": majority,
+                                        "test_accuracy": 100.0 * test.count(majority) / len(test)}}
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"1 x {torch.cuda.get_device_name(0)}"
+    return f"CPU, {os.cpu_count()} cores ({socket.gethostname()})"
+
+
+def _cell(stat: dict | None) -> str:
+    return "" if stat is None else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
+def markdown_table(results: dict) -> str:
+    p = results["preset"]
+    lines = [f"Preset `{p['name']}` on {results['machine']}: base {results['pretraining']['parameters']:,} parameters, "
+             f"{len(p['seeds'])} seeds, mean ± standard deviation. Total {results['timings_s'].get('total_s', 0) / 60:.0f} min.",
+             ""]
+    tasks = sorted({r["task"] for r in results["rows"]}, key=list(wordnet_tasks.TASKS).index)
+    for task in tasks:
+        rows = [r for r in results["rows"] if r["task"] == task]
+        metrics = [k.split("/", 1)[1] for k in rows[0] if k.startswith("test/")]
+        head = ["method", "serving", "served params"] + [f"dev {m}" for m in metrics] + [f"test {m}" for m in metrics]
+        lines += [f"**{task}** ({p['sizes']['train']} train / {p['sizes']['dev']} dev / {p['sizes']['test']} test synsets)",
+                  "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [r["method"], r["serving"], f"{r['served_parameters']:,}"]
+            cells += [_cell(r.get(f"dev/{m}")) for m in metrics] + [_cell(r.get(f"test/{m}")) for m in metrics]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    majority = results["baselines"].get("supersense_majority")
+    if majority:
+        lines.append(f"Supersense majority class ({majority['label']}): {majority['test_accuracy']:.1f}% of test.")
+    return "\n".join(lines) + "\n"
+
+
+def run_study(preset: Preset, methods: list[StudyMethod], work_dir: Path, data_dir: Path, train_script: Path,
+              seeds: tuple[int, ...] | None = None, **kwargs) -> dict:
+    if seeds:
+        preset = replace(preset, seeds=tuple(seeds))
+    return QualityStudy(preset, methods, work_dir, data_dir, train_script, **kwargs).run()

@@ -1,0 +1,176 @@
+"""The quality study's pieces against hand-written inputs, and the whole recipe end to end on the smoke preset."""
+
+from __future__ import annotations
+
+import glob
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adamix_ds.study import python_docs, wordnet_tasks
+from adamix_ds.study.scoring import definition_scores, greedy_completions, supersense_accuracy
+from adamix_ds.study.wordnet import LEXICOGRAPHER_FILES, WORDNET_DIR, parse_line, read_synsets
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = Path(sorted(glob.glob(python_docs.PYTHON_DOCS_GLOB) or ["/missing"])[-1])
+needs_wordnet = pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(),
+                                   reason="WordNet database not installed (apt-get install wordnet-base)")
+
+NOUN = ("02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 002 @ 02083346 n 0000 ~ 01322604 n 0000 "
+        "| a member of the genus Canis; \"the dog barked all night\"  \n")
+SATELLITE = ("00013160 00 s 02 alive(p) 0 live 1 001 & 00012689 a 0000 | possessing life; "
+             "\"the happiest person alive\"; \"the nerve is still alive\"  \n")
+VERB = ("01166351 34 v 01 eat 0 002 @ 01157517 v 0000 ~ 01167640 v 0000 02 + 08 00 + 11 00 "
+        "| take in solid food; \"She was eating a banana\"  \n")
+
+
+def test_parse_line_reads_words_supersense_and_definition_without_examples():
+    dog = parse_line(NOUN)
+    assert (dog.key, dog.supersense, dog.pos) == ("n02084071", "noun.animal", "noun")
+    assert dog.words == ("dog", "domestic dog", "Canis familiaris")
+    assert dog.definition == "a member of the genus Canis"
+    alive = parse_line(SATELLITE)
+    assert (alive.key, alive.supersense, alive.pos, alive.words) == ("a00013160", "adj.all", "adjective",
+                                                                      ("alive", "live"))
+    assert alive.definition == "possessing life"
+    eat = parse_line(VERB)
+    assert (eat.supersense, eat.words, eat.definition) == ("verb.consumption", ("eat",), "take in solid food")
+
+
+@needs_wordnet
+def test_lexicographer_names_agree_with_each_files_part_of_speech():
+    synsets = read_synsets()
+    assert len(LEXICOGRAPHER_FILES) == 45 and len(synsets) == 117659  # WordNet 3.0
+    prefix = {"noun": "noun.", "verb": "verb.", "adverb": "adv.", "adjective": "adj."}
+    assert all(s.supersense.startswith(prefix[s.pos]) for s in synsets)
+    assert {s.supersense for s in synsets} == set(LEXICOGRAPHER_FILES)
+
+
+def _fake_wordnet(directory: Path, nouns: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for pos in ("noun", "verb", "adj", "adv"):
+        (directory / f"data.{pos}").write_text("  1 licence line\n")
+    lines = [f"{i:08d} 05 n 01 animal{i} 0 000 | animal number {i}; \"an example\"  \n" for i in range(nouns)]
+    (directory / "data.noun").write_text("  1 licence line\n" + "".join(lines))
+    (directory / "data.verb").write_text(VERB)
+    return directory
+
+
+def test_splits_partition_the_synsets_once_and_are_reused(tmp_path):
+    wordnet = _fake_wordnet(tmp_path / "wn", nouns=30)
+    splits_file = tmp_path / "splits.json"
+    held_out = {"dev": 5, "test": 7}
+    splits = wordnet_tasks.synset_splits(splits_file, wordnet, held_out)
+    keys = [k for split in splits.values() for k in split]
+    assert len(keys) == len(set(keys)) == 31 and (len(splits["dev"]), len(splits["test"])) == (5, 7)
+    assert "v01166351" in keys
+    splits_file.write_text(splits_file.read_text().replace(splits["dev"][0], "kept-from-file"))
+    assert wordnet_tasks.synset_splits(splits_file, wordnet, held_out)["dev"][0] == "kept-from-file"
+    (wordnet / "data.verb").write_text(VERB.replace("eat", "drink"))
+    with pytest.raises(ValueError, match="other WordNet files"):
+        wordnet_tasks.synset_splits(splits_file, wordnet, held_out)
+
+
+def test_task_files_take_split_prefixes_and_share_synsets_across_tasks(tmp_path, monkeypatch):
+    wordnet = _fake_wordnet(tmp_path / "wn", nouns=40)
+    monkeypatch.setattr(wordnet_tasks, "HELD_OUT", {"dev": 6, "test": 6})
+    files = wordnet_tasks.write_task_files(tmp_path / "tasks", {"train": 10, "dev": 3, "test": 4},
+                                           tmp_path / "splits.json", wordnet)
+    read = lambda task, split: [json.loads(x) for x in files[task][split].read_text().splitlines()]  # noqa: E731
+    for split, size in (("train", 10), ("dev", 3), ("test", 4)):
+        assert [r["key"] for r in read("supersense", split)] == [r["key"] for r in read("definition", split)]
+        assert len(read("supersense", split)) == size
+    train_keys = {r["key"] for r in read("supersense", "train")}
+    assert train_keys.isdisjoint(r["key"] for r in read("supersense", "test") + read("supersense", "dev"))
+    first = read("definition", "train")[0]
+    number = int(first["key"][1:])
+    assert first == {"prompt": f"Word: animal{number} (noun) | Definition:", "completion": f" animal number {number}",
+                     "key": first["key"]}
+    label = read("supersense", "train")[0]
+    assert label["completion"] == " noun.animal" and label["prompt"].endswith(" | Supersense:")
+
+
+def test_page_paragraphs_keep_the_main_prose_only():
+    html = """<html><body><div class="sphinxsidebar"><p>Navigation sidebar text here</p></div>
+    <div class="body" role="main"><h1>Encoding  <code>json</code> documents quickly<a class="headerlink" href="#">¶</a></h1>
+    <p>Encode   and decode
+    JSON documents , easily.</p><pre>import json; json.dumps(1)  # code stays out</pre>
+    <ul><li><p>A list item with a paragraph.</p></li><li>A bare list item here.</li></ul>
+    <p>Too short.</p></div></body></html>"""
+    assert python_docs.page_paragraphs(html) == [
+        "Encoding json documents quickly", "Encode and decode JSON documents, easily.",
+        "A list item with a paragraph.", "A bare list item here.",
+    ]
+
+
+def test_metrics_against_hand_computation():
+    assert supersense_accuracy(["noun.animal extra", "verb.body", ""], [" noun.animal", " noun.body", " adj.all"]) \
+        == {"accuracy": pytest.approx(100 / 3)}
+    same = definition_scores(["the cat sat on the mat"], [" the cat sat on the mat"])
+    assert same == {"bleu": pytest.approx(100.0), "rougeL": pytest.approx(100.0)}
+    # LCS("cat dog bird fish", "cat bird fish horse") = cat bird fish: P = R = 3/4.
+    assert definition_scores(["cat dog bird fish"], ["cat bird fish horse"])["rougeL"] == pytest.approx(75.0)
+    assert definition_scores(["zebra"], ["cat bird fish horse"]) == {"bleu": 0.0, "rougeL": 0.0}
+
+
+def test_batched_greedy_completions_equal_one_prompt_at_a_time(workspace):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from adamix_ds.arguments import ModelArguments
+    from adamix_ds.tokenizer_loading import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(workspace.base)))
+    model = AutoModelForCausalLM.from_pretrained(workspace.base).eval()
+    prompts = ["name[Aromi] food[Chinese] =>", "name[Zizzi] =>", "name[Aromi] food[French] =>", "area[riverside]",
+               "name[Zizzi] food[Indian] area[city centre] =>"]
+    batched = greedy_completions(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    for prompt, text in zip(prompts, batched):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@needs_wordnet
+@pytest.mark.skipif(not DOCS.is_dir(), reason="Python documentation not installed (apt-get install python3-doc)")
+def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for page in sorted((DOCS / "tutorial").glob("*.html")):
+        shutil.copy(page, docs)
+    work = tmp_path / "work"
+    command = [sys.executable, str(REPO / "benchmarks" / "quality_study.py"), "--preset", "smoke",
+               "--work_dir", str(work), "--data_dir", str(tmp_path / "data"), "--docs_root", str(docs),
+               "--methods", "adamix-lora,adapter,moa-sparse"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    pretrain = json.loads((work / "pretrain" / "run.json").read_text())
+    assert pretrain["arguments"]["mixture"]["method"] == "full"
+    assert pretrain["base_partition"]["zero_stage"] == 3
+    results = json.loads((work / "results.json").read_text())
+    rows = {(r["task"], r["method"], r["serving"]): r for r in results["rows"]}
+    assert set(rows) == {(t, m, s) for t in ("supersense", "definition")
+                         for m, s in (("adamix-lora", "merged"), ("adamix-lora", "random"), ("adapter", "model"),
+                                      ("moa-sparse", "model"))}
+    # Served LoRA: rank 4 on q (64 -> 64) and v (64 -> 64) in 2 layers, whatever the number of experts.
+    assert rows["supersense", "adamix-lora", "merged"]["served_parameters"] == 4 * (64 + 64) * 2 * 2
+    # Adapter after each FFN: down 64 -> 8 and up 8 -> 64 with biases, in 2 layers.
+    assert rows["supersense", "adapter", "model"]["served_parameters"] == (64 * 8 + 8 + 8 * 64 + 64) * 2
+    # Scores recomputed from the written predictions and the task files.
+    test_rows = [json.loads(x) for x in (work / "tasks" / "supersense" / "test.jsonl").read_text().splitlines()]
+    for stat, seed in enumerate((0, 1)):
+        run = work / "runs" / "supersense" / "adamix-lora" / f"seed-{seed}"
+        predictions = [json.loads(x) for x in (run / "predictions-random-test.jsonl").read_text().splitlines()]
+        assert [p["key"] for p in predictions] == [r["key"] for r in test_rows]
+        hits = sum(bool(p["prediction"].split()) and p["prediction"].split()[0] == r["completion"].strip()
+                   for p, r in zip(predictions, test_rows))
+        assert rows["supersense", "adamix-lora", "random"]["test/accuracy"]["values"][stat] == \
+            pytest.approx(100 * hits / len(test_rows))
+    assert "| adamix-lora | random |" in (work / "results.md").read_text()
