@@ -13,8 +13,17 @@ import pytest
 import torch
 
 from adamix_ds.study import python_docs, wordnet_tasks
-from adamix_ds.study.scoring import definition_scores, greedy_completions, supersense_accuracy
-from adamix_ds.study.wordnet import LEXICOGRAPHER_FILES, WORDNET_DIR, parse_line, read_synsets
+from adamix_ds.study.scoring import (
+    definition_scores,
+    greedy_completions,
+    supersense_accuracy,
+)
+from adamix_ds.study.wordnet import (
+    LEXICOGRAPHER_FILES,
+    WORDNET_DIR,
+    parse_line,
+    read_synsets,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = Path(sorted(glob.glob(python_docs.PYTHON_DOCS_GLOB) or ["/missing"])[-1])
@@ -81,7 +90,7 @@ def test_task_files_take_split_prefixes_and_share_synsets_across_tasks(tmp_path,
     monkeypatch.setattr(wordnet_tasks, "HELD_OUT", {"dev": 6, "test": 6})
     files = wordnet_tasks.write_task_files(tmp_path / "tasks", {"train": 10, "dev": 3, "test": 4},
                                            tmp_path / "splits.json", wordnet)
-    read = lambda task, split: [json.loads(x) for x in files[task][split].read_text().splitlines()]  # noqa: E731
+    read = lambda task, split: [json.loads(x) for x in files[task][split].read_text().splitlines()]
     for split, size in (("train", 10), ("dev", 3), ("test", 4)):
         assert [r["key"] for r in read("supersense", split)] == [r["key"] for r in read("definition", split)]
         assert len(read("supersense", split)) == size
@@ -148,7 +157,7 @@ def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
     command = [sys.executable, str(REPO / "benchmarks" / "quality_study.py"), "--preset", "smoke",
                "--work_dir", str(work), "--data_dir", str(tmp_path / "data"), "--docs_root", str(docs),
                "--methods", "adamix-lora,adapter,moa-sparse"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     pretrain = json.loads((work / "pretrain" / "run.json").read_text())

@@ -1,7 +1,7 @@
 """What the quality study runs: the base model, pretraining, task sizes, methods and seeds per preset.
 
 The adaptation methods are sized to serve about the same number of parameters (LoRA rank 8 on the
-query and value projections of the CPU base; see `served` in the results): AdaMix merges its
+query and value projections: 24,576 on the CPU base; see `served` in the results): AdaMix merges its
 experts into one module of that size, the adapters' bottleneck is chosen to match, and the MoA
 variants, which serve every expert and router, get rank-1 LoRA experts and a narrower adapter.
 Full fine-tuning serves the whole base and is the reference, not a contender.
@@ -40,8 +40,10 @@ class Preset:
     parallel_jobs: int
     """Fine-tuning jobs run side by side (each with cores / parallel_jobs threads)."""
     threads_per_job: int
-    learning_rates: dict = field(default_factory=lambda: {"full": 3e-4, "moa-soft": 2e-3, "moa-sparse": 2e-3,
-                                                          "default": 2e-3})
+    learning_rates: dict = field(default_factory=lambda: {"full": 3e-4, "default": 5e-3})
+    """Per method name, else "default"; fixed before the study (a short LoRA probe on dev), not tuned per method."""
+    finetune_deepspeed: str = "zero2.json"
+    """Fine-tuning runs on one rank, where ZeRO-3's partitioning has nothing to shard; pretraining uses zero3.json."""
     eval_batch: int = 64
     max_new_tokens: dict = field(default_factory=lambda: {"supersense": 8, "definition": 32})
 
@@ -66,11 +68,11 @@ def study_methods(lora_r: int, adapter_size: int, moa_r: int, moa_adapter: dict,
 PRESETS = {
     "cpu": Preset(
         name="cpu",
-        model=dict(hidden_size=256, intermediate_size=672, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
-        vocab_size=4096, pretrain_steps=360, pretrain_batch=16, pretrain_ranks=2, pretrain_lr=1e-3,
-        seq_length=128, sizes={"train": 3000, "dev": 200, "test": 500},
-        finetune_steps=200, finetune_batch=16, seeds=(0, 1, 2), parallel_jobs=2, threads_per_job=1,
+        model=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=3,
+                   num_key_value_heads=3, max_position_embeddings=256, tie_word_embeddings=True),
+        vocab_size=4096, pretrain_steps=500, pretrain_batch=16, pretrain_ranks=2, pretrain_lr=1e-3,
+        seq_length=128, sizes={"train": 3000, "dev": 200, "test": 400},
+        finetune_steps=300, finetune_batch=16, seeds=(0, 1, 2), parallel_jobs=2, threads_per_job=1,
     ),
     "gpu": Preset(
         name="gpu",
@@ -79,7 +81,7 @@ PRESETS = {
         vocab_size=8192, pretrain_steps=600, pretrain_batch=64, pretrain_ranks=1, pretrain_lr=6e-4,
         seq_length=256, sizes={"train": 20000, "dev": 1000, "test": 2000},
         finetune_steps=600, finetune_batch=32, seeds=(0, 1, 2), parallel_jobs=4, threads_per_job=4,
-        learning_rates={"full": 1e-4, "moa-soft": 1e-3, "moa-sparse": 1e-3, "default": 1e-3},
+        learning_rates={"full": 1e-4, "default": 2e-3},
     ),
     "smoke": Preset(
         name="smoke",

@@ -114,10 +114,10 @@ class QualityStudy:
             "eval_data_path": files["dev"], "max_seq_length": 96, "per_device_train_batch_size": p.finetune_batch,
             "learning_rate": lr, "warmup_steps": max(1, p.finetune_steps // 10), "max_steps": p.finetune_steps,
             "logging_steps": 25, "save_steps": 0, "save_total_limit": 1, "num_samples": 0, "seed": job.seed,
-            "output_dir": out, "deepspeed": self._ds_config(),
+            "output_dir": out, "deepspeed": self._ds_config(p.finetune_deepspeed),
         }
-        if job.method.options["method"].startswith("adamix-"):
-            options["eval_modes"] = "merged,random"
+        if job.method.options["method"] in ("lora", "adapter"):
+            options["eval_modes"] = "merged"  # one expert: every routing mode is the same model
         start = time.perf_counter()
         self._launch(options, out / "train.log", ranks=1, threads=p.threads_per_job)
         trained = time.perf_counter() - start
@@ -140,15 +140,22 @@ class QualityStudy:
         self.timings["pretrain_s"] = time.perf_counter() - started - self.timings["data_s"]
         jobs = self.jobs()
         logger.info("%d fine-tuning jobs, %d at a time", len(jobs), self.preset.parallel_jobs)
+        done = iter(range(1, len(jobs) + 1))
+
+        def run_and_count(job: Job) -> dict:
+            scores = self.run_job(job, base)
+            logger.info("%d of %d fine-tuning jobs done", next(done), len(jobs))
+            return scores
+
         with ThreadPoolExecutor(self.preset.parallel_jobs) as pool:
-            list(pool.map(lambda job: self.run_job(job, base), jobs))
+            list(pool.map(run_and_count, jobs))
         self.timings["finetune_s"] = time.perf_counter() - started - self.timings["data_s"] - self.timings["pretrain_s"]
         self.timings["total_s"] = time.perf_counter() - started
         return self.aggregate(jobs)
 
     # Helpers.
-    def _ds_config(self) -> Path:
-        return self.train_script.parent.parent / "ds_configs" / "zero3.json"
+    def _ds_config(self, name: str = "zero3.json") -> Path:
+        return self.train_script.parent.parent / "ds_configs" / name
 
     def _launch(self, options: dict, log: Path, ranks: int, threads: int) -> None:
         script = str(self.train_script)
@@ -164,7 +171,7 @@ class QualityStudy:
         if not self.gpu:
             env["DS_ACCELERATOR"] = "cpu"
         with open(log, "w") as handle:
-            result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, check=False)
         if result.returncode != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
             raise RuntimeError(f"{' '.join(command[:4])} ... failed with exit code {result.returncode}; "
@@ -177,20 +184,19 @@ class QualityStudy:
                 mine = [j for j in jobs if j.task == task and j.method == method]
                 runs = [self.work_dir / "runs" / j.name for j in mine]
                 scores = [json.loads((r / "scores.json").read_text()) for r in runs]
-                record = json.loads((runs[0] / "run.json").read_text())
+                records = [json.loads((r / "run.json").read_text()) for r in runs]
+                record = records[0]
                 for mode in method.modes:
                     row = {"task": task, "method": method.name, "serving": mode, "seeds": [j.seed for j in mine],
                            "served_parameters": record["parameters"]["served"],
                            "trained_parameters": record["parameters"]["trained"],
                            "options": method.options}
+                    row["dev_loss"] = _stat([_final_loss(r["final_eval"], mode) for r in records])
                     for split in ("dev", "test"):
                         for metric in scores[0][f"{mode}/{split}"]:
                             if metric in ("examples", "seconds"):
                                 continue
-                            values = [s[f"{mode}/{split}"][metric] for s in scores]
-                            row[f"{split}/{metric}"] = {"mean": statistics.mean(values),
-                                                        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                                                        "values": values}
+                            row[f"{split}/{metric}"] = _stat([s[f"{mode}/{split}"][metric] for s in scores])
                     rows.append(row)
         results = {
             "preset": asdict(self.preset), "machine": _machine(), "timings_s": self.timings,
@@ -210,12 +216,27 @@ class QualityStudy:
         """Majority-class accuracy of supersense (the most frequent training label, scored on test)."""
         if "supersense" not in self.tasks:
             return {}
-        read = lambda split: [json.loads(line)["completion"].strip()  # noqa: E731
+        read = lambda split: [json.loads(line)["completion"].strip()
                               for line in self.task_files["supersense"][split].read_text().splitlines()]
         train, test = read("train"), read("test")
         majority = max(set(train), key=train.count)
         return {"supersense_majority": {"label": majority,
                                         "test_accuracy": 100.0 * test.count(majority) / len(test)}}
+
+
+def _stat(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def _final_loss(final_eval: dict, mode: str) -> float:
+    """The trainer's token-mean dev loss for a serving mode (a method without routing reports one mode)."""
+    if f"eval/{mode}/loss" in final_eval:
+        return final_eval[f"eval/{mode}/loss"]
+    losses = [v for k, v in final_eval.items() if k.endswith("/loss")]
+    if len(losses) != 1:
+        raise ValueError(f"no single dev loss for serving mode {mode!r} in {sorted(final_eval)}")
+    return losses[0]
 
 
 def _has_gpu() -> bool:
@@ -245,14 +266,24 @@ def markdown_table(results: dict) -> str:
     for task in tasks:
         rows = [r for r in results["rows"] if r["task"] == task]
         metrics = [k.split("/", 1)[1] for k in rows[0] if k.startswith("test/")]
-        head = ["method", "serving", "served params"] + [f"dev {m}" for m in metrics] + [f"test {m}" for m in metrics]
+        head = (["method", "serving", "served params", "dev loss"] + [f"dev {m}" for m in metrics]
+                + [f"test {m}" for m in metrics])
         lines += [f"**{task}** ({p['sizes']['train']} train / {p['sizes']['dev']} dev / {p['sizes']['test']} test synsets)",
                   "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            cells = [r["method"], r["serving"], f"{r['served_parameters']:,}"]
+            cells = [r["method"], r["serving"], f"{r['served_parameters']:,}",
+                     f"{r['dev_loss']['mean']:.3f} ± {r['dev_loss']['std']:.3f}"]
             cells += [_cell(r.get(f"dev/{m}")) for m in metrics] + [_cell(r.get(f"test/{m}")) for m in metrics]
             lines.append("| " + " | ".join(cells) + " |")
+        headline = HEADLINE[task]
+        contenders = [r for r in rows if r["method"] != "full" and f"dev/{headline}" in r]
+        if contenders:
+            best = max(contenders, key=lambda r: r[f"dev/{headline}"]["mean"])
+            lines += ["", f"Chosen on dev ({headline}): {best['method']} ({best['serving']}), "
+                          f"test {headline} {_cell(best[f'test/{headline}'])}."]
         lines.append("")
+    curve = ", ".join(f"{loss:.2f} (step {step})" for step, loss in results["pretraining"]["eval_loss"])
+    lines.append(f"Pretraining eval loss on held-out documentation paragraphs: {curve}.")
     majority = results["baselines"].get("supersense_majority")
     if majority:
         lines.append(f"Supersense majority class ({majority['label']}): {majority['test_accuracy']:.1f}% of test.")
