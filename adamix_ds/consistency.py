@@ -3,7 +3,9 @@
     L = CE(p1) + lambda * 0.5 * (KL(p1 || sg(p2)) + KL(p2 || sg(p1)))
 
 p1 and p2 are next-token distributions of the same batch under two independently drawn routes;
-sg is stop-gradient; both terms are summed over target tokens (labels != -100) only. Instead of two
+sg is stop-gradient; both terms are summed over target tokens (labels != -100) only. Logits follow the
+model's own head: a constant scale (Cohere's logit_scale, Granite's 1 / logits_scaling), then a soft
+cap (Gemma 2/3's final_logit_softcapping). Instead of two
 forward passes, the batch is concatenated with itself and run once, the halves routed as passes 0
 and 1. The vocabulary projection, softmaxes and KL are computed in chunks of target tokens with their
 gradients in closed form, so the fp32 logits of both halves are never all in memory at once, neither
@@ -44,13 +46,13 @@ class _HeadLosses(torch.autograd.Function):
 
     Each chunk's logits live only while that chunk is processed; the gradients with respect to the
     hidden states (the only ones needed: the output projection is frozen) are formed in the same pass,
-    so backward needs neither the logits nor the projection weight. For logits z = softcap(u):
+    so backward needs neither the logits nor the projection weight. For logits z = softcap(scale * u):
       d CE / d z1 = p1 - onehot(y)
       d KL(p1 || sg p2) / d z1 = p1 * (log p1 - log p2 - KL_row)   (and symmetrically for z2)
     """
 
     @staticmethod
-    def forward(ctx, h1, h2, weight, bias, targets, chunk_tokens, softcap):
+    def forward(ctx, h1, h2, weight, bias, targets, chunk_tokens, scale, softcap):
         need_grad = any(ctx.needs_input_grad[:2])
         with torch.no_grad():
             lm = h1.new_zeros((), dtype=torch.float32)
@@ -60,7 +62,7 @@ class _HeadLosses(torch.autograd.Function):
             grad_kl_2 = torch.empty_like(h2) if need_grad and h2 is not None else None
             for start in range(0, h1.shape[0], chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
-                u1, dz1 = _logits(h1[rows], weight, bias, softcap)
+                u1, dz1 = _logits(h1[rows], weight, bias, scale, softcap)
                 logp1 = F.log_softmax(u1, dim=-1)
                 p1 = logp1.exp()
                 y = targets[rows]
@@ -71,7 +73,7 @@ class _HeadLosses(torch.autograd.Function):
                     grad_ce_1[rows] = _to_hidden(grad_ce, dz1, weight, h1.dtype)
                 if h2 is None:
                     continue
-                u2, dz2 = _logits(h2[rows], weight, bias, softcap)
+                u2, dz2 = _logits(h2[rows], weight, bias, scale, softcap)
                 logp2 = F.log_softmax(u2, dim=-1)
                 p2 = logp2.exp()
                 diff = logp1 - logp2
@@ -93,21 +95,23 @@ class _HeadLosses(torch.autograd.Function):
         if grad_kl_1 is not None:
             grad_h1 = grad_h1 + grad_kl_1 * grad_kl.to(grad_kl_1.dtype)
             grad_h2 = grad_kl_2 * grad_kl.to(grad_kl_2.dtype)
-        return grad_h1, grad_h2, None, None, None, None, None
+        return grad_h1, grad_h2, None, None, None, None, None, None
 
 
-def _logits(hidden, weight, bias, softcap):
-    """fp32 logits of a chunk and d(logits)/d(pre-cap logits) (None without a soft cap)."""
+def _logits(hidden, weight, bias, scale, softcap):
+    """fp32 logits of a chunk and d(logits)/d(head output) (None where it is 1)."""
     u = F.linear(hidden, weight, bias).float()
+    if scale != 1.0:
+        u = u * scale
     if not softcap:
-        return u, None
+        return u, (None if scale == 1.0 else torch.full((), scale, device=u.device))
     t = torch.tanh(u / softcap)
-    return t * softcap, 1.0 - t * t
+    return t * softcap, (1.0 - t * t) * scale
 
 
-def _to_hidden(grad_logits, dcap, weight, dtype):
-    if dcap is not None:
-        grad_logits = grad_logits * dcap
+def _to_hidden(grad_logits, dz, weight, dtype):
+    if dz is not None:
+        grad_logits = grad_logits * dz
     return (grad_logits.to(weight.dtype) @ weight).to(dtype)
 
 
@@ -118,6 +122,7 @@ def token_losses(
     hidden_2: torch.Tensor | None = None,
     chunk_tokens: int = 1024,
     softcap: float | None = None,
+    scale: float = 1.0,
 ) -> LossSums:
     """Losses from last hidden states (B, T, d) and labels (B, T); position t predicts labels[:, t + 1].
 
@@ -132,7 +137,7 @@ def token_losses(
     h2 = hidden_2[:, :-1][keep] if hidden_2 is not None else None
     y = targets[keep]
     with gathered([p for p in (head.weight, head.bias) if p is not None]):
-        lm, kl = _HeadLosses.apply(h1, h2, head.weight, head.bias, y, chunk_tokens, softcap)
+        lm, kl = _HeadLosses.apply(h1, h2, head.weight, head.bias, y, chunk_tokens, scale, softcap)
     return LossSums(lm=lm, kl=kl if hidden_2 is not None else None, tokens=int(y.numel()))
 
 
@@ -150,10 +155,10 @@ def causal_lm_losses(
     The decoder (model.base_model) runs once; the output projection is applied per chunk of target tokens.
     """
     decoder, head = model.base_model, model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    scale, softcap = logit_scale(model.config), getattr(model.config, "final_logit_softcapping", None)
     if not consistency:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return token_losses(head, hidden, labels, chunk_tokens=chunk_tokens, softcap=softcap)
+        return token_losses(head, hidden, labels, chunk_tokens=chunk_tokens, softcap=softcap, scale=scale)
     if router is None:
         raise ValueError("the consistency loss needs the mixtures' router (two routes in one forward)")
     doubled_ids = torch.cat([input_ids, input_ids])
@@ -161,4 +166,13 @@ def causal_lm_losses(
     with router.use_passes(0, 1):
         hidden = decoder(input_ids=doubled_ids, attention_mask=doubled_mask, use_cache=False).last_hidden_state
     h1, h2 = hidden.chunk(2)
-    return token_losses(head, h1, labels, hidden_2=h2, chunk_tokens=chunk_tokens, softcap=softcap)
+    return token_losses(head, h1, labels, hidden_2=h2, chunk_tokens=chunk_tokens, softcap=softcap, scale=scale)
+
+
+def logit_scale(config) -> float:
+    """The constant the model's own head multiplies its logits by (before any soft cap)."""
+    if getattr(config, "logit_scale", None) is not None:
+        return float(config.logit_scale)  # Cohere
+    if getattr(config, "logits_scaling", None) is not None:
+        return 1.0 / float(config.logits_scaling)  # Granite
+    return 1.0

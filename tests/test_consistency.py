@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from adamix_ds import MixtureConfig, MixtureSet, causal_lm_losses
 
@@ -79,6 +80,26 @@ def test_plain_loss_equals_hugging_face_loss():
     torch.testing.assert_close(sums.mean(), model(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_type,scaling", [("cohere", {"logit_scale": 0.3}), ("granite", {"logits_scaling": 4.0})])
+def test_plain_loss_follows_the_heads_logit_scaling(model_type, scaling):
+    """Cohere multiplies its logits by logit_scale, Granite divides them by logits_scaling: the chunked loss
+    equals the model's own loss for both."""
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  **scaling)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    model.lm_head.weight.mul_(50.0)  # logits far from zero, so that their scale matters
+    ids = batch(rows=2, length=10)
+    labels = _labels(ids)
+    own = model(ids, labels=labels).loss
+    unscaled = F.cross_entropy(model.lm_head(model.model(ids).last_hidden_state)[:, :-1][labels[:, 1:] != -100],
+                               labels[:, 1:][labels[:, 1:] != -100])
+    assert abs(own.item() - unscaled.item()) > 1e-2  # the scaling matters for these weights
+    torch.testing.assert_close(causal_lm_losses(model, ids, labels, chunk_tokens=7).mean(), own, rtol=1e-5, atol=1e-6)
+
+
 def test_consistency_needs_an_even_split():
     model = make_model("llama")
     mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=2), seed=1)
@@ -89,9 +110,9 @@ def test_consistency_needs_an_even_split():
         model(batch(rows=3))
 
 
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_chunked_head_losses_match_autograd(softcap):
-    """token_losses' closed-form gradients against autograd through full logits (with a logit soft cap)."""
+@pytest.mark.parametrize("softcap,scale", [(None, 1.0), (3.0, 1.0), (None, 0.25), (3.0, 2.5)])
+def test_chunked_head_losses_match_autograd(softcap, scale):
+    """token_losses' closed-form gradients against autograd through full logits (logit scale, soft cap)."""
     from adamix_ds import token_losses
 
     g = torch.Generator().manual_seed(0)
@@ -100,12 +121,12 @@ def test_chunked_head_losses_match_autograd(softcap):
     h2 = torch.randn(2, 5, 6, generator=g, requires_grad=True)
     labels = torch.randint(0, 11, (2, 5), generator=g)
     labels[0, :2] = -100
-    sums = token_losses(head, h1, labels, hidden_2=h2, chunk_tokens=3, softcap=softcap)
+    sums = token_losses(head, h1, labels, hidden_2=h2, chunk_tokens=3, softcap=softcap, scale=scale)
     loss = sums.mean(0.7)
     grads = torch.autograd.grad(loss, (h1, h2))
 
     def logits(h):
-        z = head(h[:, :-1])
+        z = head(h[:, :-1]) * scale
         return torch.tanh(z / softcap) * softcap if softcap else z
 
     keep = labels[:, 1:] != -100
