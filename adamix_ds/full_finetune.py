@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 
 import torch
@@ -26,7 +24,7 @@ from .merged_export import write_merged_model
 from .optimization import build_optimizer, build_scheduler
 from .sharded import full_numel
 from .train_checkpoint import (
-    COMPLETE_MARKER, STATE_NAME, TrainerState, checkpoints_dir, find_resume_checkpoint, prune_checkpoints,
+    STATE_NAME, TrainerState, checkpoints_dir, find_resume_checkpoint, prune_checkpoints, publish_checkpoint,
 )
 from .trainer import Trainer
 
@@ -113,10 +111,7 @@ class FullTrainer(Trainer):
             state = TrainerState(step=self.step, routing_seed=self.seed,
                                  consumed_examples=self.step * self.plan.global_batch)
             (tmp / STATE_NAME).write_text(json.dumps({"trainer": vars(state)}, indent=2) + "\n")
-            (tmp / COMPLETE_MARKER).write_text("ok\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            publish_checkpoint(tmp, final)
             prune_checkpoints(self.output_dir, self.args.save_total_limit, final)
             logger.info("saved checkpoint %s", final)
         distributed.barrier()

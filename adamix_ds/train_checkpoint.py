@@ -3,8 +3,9 @@
 OUTPUT_DIR/checkpoints/step-N/ holds the mixtures (mixture_checkpoint format), the optimizer state
 (safetensors), and trainer_state.json (step, schedule, routing seed, data position). No RNG state is
 needed: routes and dropout seeds are functions of (seed, step, rank).
-Rank 0 writes into a temporary directory, adds a COMPLETE marker, and renames it into place, so a
-kill during a save never leaves a directory that resume would pick.
+Rank 0 writes into a temporary directory, flushes every file to disk, adds a COMPLETE marker, and
+renames it into place (publish_checkpoint), so neither a kill during a save nor a node that loses
+power afterwards leaves a directory that resume would pick with missing or torn contents.
 """
 
 from __future__ import annotations
@@ -87,12 +88,35 @@ def save_checkpoint(output_dir, mixtures: MixtureSet, optimizer, scheduler, stat
         "optimizer_param_groups": param_groups,
     }
     (tmp / STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    publish_checkpoint(tmp, final)
+    prune_checkpoints(output_dir, keep, final)
+    return final
+
+
+def publish_checkpoint(tmp: Path, final: Path) -> None:
+    """Flush every file under `tmp` to disk, then add the COMPLETE marker and rename `tmp` to `final`.
+
+    Without the flushes a crash of the node soon after the rename can leave a marked checkpoint whose
+    files were never written out (the rename and the marker reach the disk before the data does).
+    """
+    for path in sorted(tmp.rglob("*")):
+        _fsync(path)
     (tmp / COMPLETE_MARKER).write_text("ok\n")
+    _fsync(tmp / COMPLETE_MARKER)
+    _fsync(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    prune_checkpoints(output_dir, keep, final)
-    return final
+    _fsync(final.parent)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file, or a directory (its entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def prune_checkpoints(output_dir, keep: int | None, written: Path) -> None:

@@ -70,6 +70,31 @@ def test_optimizer_and_schedule_round_trip(tmp_path):
             torch.testing.assert_close(optimizer.state[p][key], fresh_opt.state[q][key], rtol=0, atol=0)
 
 
+def test_every_file_reaches_the_disk_before_the_complete_marker(tmp_path, monkeypatch):
+    """fsync order of a save: each data file, then the marker, then its directory, then (renamed) the parent."""
+    import os
+
+    from adamix_ds import train_checkpoint
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(train_checkpoint.os, "fsync", recording_fsync)
+    model = make_model("llama")
+    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=2), seed=3)
+    optimizer = torch.optim.AdamW(mixtures.parameters(), lr=0.01)
+    final = save_checkpoint(tmp_path, mixtures, optimizer, None, TrainerState(3, 3, 12), keep=None)
+    names = [os.path.basename(p) for p in synced]
+    files = sorted(p.name for p in final.iterdir() if p.name != COMPLETE_MARKER)
+    assert len(files) >= 4 and sorted(names[:len(files)]) == files
+    tmp_dir = os.path.dirname(synced[0])
+    assert synced[len(files):] == [os.path.join(tmp_dir, COMPLETE_MARKER), tmp_dir, str(final.parent)]
+
+
 def test_random_eval_draws_anew_on_every_evaluation_forward():
     model = make_model("llama")
     mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4, share="none"), seed=2)
