@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import MixtureConfig
+from .targets import Target
 
 
 class HookedMixtures(nn.Module):
@@ -91,3 +92,20 @@ class HookedMixtures(nn.Module):
 
     def target_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_tensors()}
+
+
+class TargetMixtures(HookedMixtures):
+    """A family with one trainable module per target linear (AdaMix's MixtureSet, MoE-LoRA's MoELoRASet).
+
+    Subclasses fill `self.mixtures` in target order.
+    """
+
+    point_type, points_key = Target, "targets"
+    mixtures: nn.ModuleList
+
+    @property
+    def targets(self) -> list[Target]:
+        return self.points
+
+    def parts(self) -> Iterator[tuple[str, nn.Module]]:
+        return ((t.name, m) for t, m in zip(self.targets, self.mixtures))

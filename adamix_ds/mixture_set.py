@@ -6,22 +6,18 @@ experts are chosen by the stochastic `Router` they share (see hooked_mixtures.py
 
 from __future__ import annotations
 
-from typing import Iterator
-
 from torch import nn
 
 from .config import MixtureConfig
-from .hooked_mixtures import HookedMixtures
+from .hooked_mixtures import TargetMixtures
 from .mixture_adapter import MixtureAdapter
 from .mixture_lora import MixtureLoRA
 from .routing import DOWN, UP, Router, Slot
 from .targets import Target, resolve_targets
 
 
-class MixtureSet(HookedMixtures):
+class MixtureSet(TargetMixtures):
     """The mixtures of one model, one per target, in routing-slot order, with the router they share."""
-
-    point_type, points_key = Target, "targets"
 
     def __init__(self, config: MixtureConfig, targets: list[Target], seed: int = 0) -> None:
         super().__init__(config, targets, seed)
@@ -44,13 +40,6 @@ class MixtureSet(HookedMixtures):
         if config.is_full:
             raise ValueError("--method full trains the base itself; it has no mixtures to inject")
         return resolve_targets(model, config)
-
-    @property
-    def targets(self) -> list[Target]:
-        return self.points
-
-    def parts(self) -> Iterator[tuple[str, nn.Module]]:
-        return ((t.name, m) for t, m in zip(self.targets, self.mixtures))
 
     def hooks(self, model: nn.Module, modules: dict[str, nn.Module]) -> list:
         """Hook every mixture onto its target module (and count the decoder's forwards)."""

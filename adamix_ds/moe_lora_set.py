@@ -3,20 +3,18 @@ own router per target projection, attached to a frozen (possibly ZeRO-3 partitio
 
 from __future__ import annotations
 
-from typing import Iterator
-
 from torch import nn
 
 from .config import MixtureConfig
 from .expert_diagnostics import layer_of
-from .hooked_mixtures import HookedMixtures
+from .hooked_mixtures import TargetMixtures
 from .routed_lora import GATE_OF_METHOD, RoutedLoRA
 from .router_stats import RouterStats
 from .targets import Target, resolve_routed_targets
 
 
-class MoELoRASet(HookedMixtures):
-    point_type, points_key = Target, "targets"
+class MoELoRASet(TargetMixtures):
+    """One RoutedLoRA per target projection, each with its own token router, sharing one RouterStats."""
 
     def __init__(self, config: MixtureConfig, targets: list[Target], seed: int = 0) -> None:
         super().__init__(config, targets, seed)
@@ -32,13 +30,6 @@ class MoELoRASet(HookedMixtures):
     @classmethod
     def locate(cls, model: nn.Module, config: MixtureConfig) -> list[Target]:
         return resolve_routed_targets(model, config)
-
-    @property
-    def targets(self) -> list[Target]:
-        return self.points
-
-    def parts(self) -> Iterator[tuple[str, nn.Module]]:
-        return ((t.name, m) for t, m in zip(self.targets, self.mixtures))
 
     def hooks(self, model: nn.Module, modules: dict[str, nn.Module]) -> list:
         handles = [modules[t.name].register_forward_hook(self._hook(t, m)) for t, m in zip(self.targets, self.mixtures)]
