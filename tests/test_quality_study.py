@@ -183,3 +183,30 @@ def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
         assert rows["supersense", "adamix-lora", "random"]["test/accuracy"]["values"][stat] == \
             pytest.approx(100 * hits / len(test_rows))
     assert "| adamix-lora | random |" in (work / "results.md").read_text()
+
+
+def test_table_pairs_each_method_with_lora_seed_by_seed_and_chooses_on_dev():
+    from adamix_ds.study.runner import markdown_table
+
+    def stat(values):
+        return {"mean": sum(values) / len(values), "values": values, "std": 0.0}
+
+    def row(method, serving, dev, test):
+        return {"task": "supersense", "method": method, "serving": serving, "seeds": [0, 1, 2],
+                "served_parameters": 100, "dev_loss": stat([1.0, 1.0, 1.0]),
+                "dev/accuracy": stat(dev), "test/accuracy": stat(test)}
+
+    results = {
+        "preset": {"name": "t", "seeds": [0, 1, 2], "sizes": {"train": 9, "dev": 3, "test": 3}},
+        "machine": "m", "timings_s": {"total_s": 60}, "pretraining": {"parameters": 1000, "eval_loss": [(4, 2.5)]},
+        "baselines": {},
+        "rows": [row("lora", "model", [10, 20, 30], [10, 20, 30]),
+                 row("adamix-lora", "merged", [11, 21, 31], [13, 21, 32]),
+                 row("full", "model", [90, 90, 90], [90, 90, 90])],
+    }
+    table = markdown_table(results)
+    # adamix - lora per seed: 3, 1, 2 -> mean 2, sample standard deviation 1.
+    assert "| adamix-lora | merged | 100 | 1.000 ± 0.000 | 21.0 ± 0.0 | 22.0 ± 0.0 | +2.0 ± 1.0 |" in table
+    assert "| full | model | 100 | 1.000 ± 0.000 | 90.0 ± 0.0 | 90.0 ± 0.0 | +70.0 ± 10.0 |" in table
+    # Full fine-tuning is the reference, never the choice; the choice is made on dev.
+    assert "Chosen on dev (accuracy): adamix-lora (merged), test accuracy 22.0 ± 0.0." in table

@@ -257,6 +257,17 @@ def _cell(stat: dict | None) -> str:
     return "" if stat is None else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
+def paired_difference(row: dict, reference: dict, key: str) -> dict:
+    """Mean and standard deviation over seeds of row - reference, seed by seed (same seeds, same data order)."""
+    if row["seeds"] != reference["seeds"]:
+        raise ValueError(f"{row['method']} and {reference['method']} ran different seeds")
+    return _stat([a - b for a, b in zip(row[key]["values"], reference[key]["values"])])
+
+
+def _signed(stat: dict) -> str:
+    return f"{stat['mean']:+.1f} ± {stat['std']:.1f}"
+
+
 def markdown_table(results: dict) -> str:
     p = results["preset"]
     lines = [f"Preset `{p['name']}` on {results['machine']}: base {results['pretraining']['parameters']:,} parameters, "
@@ -266,16 +277,19 @@ def markdown_table(results: dict) -> str:
     for task in tasks:
         rows = [r for r in results["rows"] if r["task"] == task]
         metrics = [k.split("/", 1)[1] for k in rows[0] if k.startswith("test/")]
+        headline = HEADLINE[task]
+        lora = next((r for r in rows if r["method"] == "lora"), None)
         head = (["method", "serving", "served params", "dev loss"] + [f"dev {m}" for m in metrics]
-                + [f"test {m}" for m in metrics])
+                + [f"test {m}" for m in metrics] + ([f"test {headline} - LoRA"] if lora else []))
         lines += [f"**{task}** ({p['sizes']['train']} train / {p['sizes']['dev']} dev / {p['sizes']['test']} test synsets)",
                   "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r["method"], r["serving"], f"{r['served_parameters']:,}",
                      f"{r['dev_loss']['mean']:.3f} ± {r['dev_loss']['std']:.3f}"]
             cells += [_cell(r.get(f"dev/{m}")) for m in metrics] + [_cell(r.get(f"test/{m}")) for m in metrics]
+            if lora:
+                cells.append("" if r is lora else _signed(paired_difference(r, lora, f"test/{headline}")))
             lines.append("| " + " | ".join(cells) + " |")
-        headline = HEADLINE[task]
         contenders = [r for r in rows if r["method"] != "full" and f"dev/{headline}" in r]
         if contenders:
             best = max(contenders, key=lambda r: r[f"dev/{headline}"]["mean"])
