@@ -71,8 +71,8 @@ PRESETS = {
         model=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=3,
                    num_key_value_heads=3, max_position_embeddings=256, tie_word_embeddings=True),
         vocab_size=4096, pretrain_steps=500, pretrain_batch=16, pretrain_ranks=2, pretrain_lr=1e-3,
-        seq_length=128, sizes={"train": 3000, "dev": 200, "test": 400},
-        finetune_steps=300, finetune_batch=16, seeds=(0, 1, 2), parallel_jobs=2, threads_per_job=1,
+        seq_length=128, sizes={"train": 10000, "dev": 200, "test": 400},
+        finetune_steps=600, finetune_batch=16, seeds=(0, 1, 2), parallel_jobs=2, threads_per_job=1,
     ),
     "gpu": Preset(
         name="gpu",
