@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -33,26 +34,38 @@ def _train_args(ws, out, seed, extra=()):
 
 
 def _launch(hosts, hostfile, port, args_of_host):
-    """Start the job on both hosts (node 0 is the master); returns the launcher processes."""
+    """Start the job on both hosts (node 0 is the master); returns the launcher processes.
+
+    Their output goes to unnamed files, not pipes: a job left running while nobody reads its output
+    would otherwise block on a full pipe (64 KiB) instead of in the collective a test waits for.
+    """
     procs = []
     for node, host in enumerate(hosts):
         argv = ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                 "--master_addr", hosts[0].address, "--master_port", str(port),
                 str(REPO / "launch" / "train.py"), *args_of_host(node)]
         env = cpu_env(GLOO_SOCKET_IFNAME=host.interface)
-        procs.append(subprocess.Popen(host.command(argv), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        log = tempfile.TemporaryFile(mode="w+")
+        proc = subprocess.Popen(host.command(argv), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                text=True)
+        proc.log = log
+        procs.append(proc)
     return procs
+
+
+def _output(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def _finish(procs, timeout=300):
     outputs = []
     for proc in procs:
         try:
-            out, _ = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError("the two-host job did not finish in time") from None
-        outputs.append(out)
+        outputs.append(_output(proc))
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-6000:]
     return outputs
@@ -63,7 +76,7 @@ def _stop(procs, hosts):
     for p in procs:
         if p.poll() is None:
             p.kill()
-        p.communicate()
+        p.wait()
     for host in hosts:
         kill_all_in(host)
 
