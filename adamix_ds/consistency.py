@@ -104,7 +104,7 @@ def _logits(hidden, weight, bias, scale, softcap):
     if scale != 1.0:
         u = u * scale
     if not softcap:
-        return u, (None if scale == 1.0 else torch.full((), scale, device=u.device))
+        return u, (None if scale == 1.0 else scale)
     t = torch.tanh(u / softcap)
     return t * softcap, (1.0 - t * t) * scale
 
