@@ -210,3 +210,27 @@ def test_table_pairs_each_method_with_lora_seed_by_seed_and_chooses_on_dev():
     assert "| full | model | 100 | 1.000 ± 0.000 | 90.0 ± 0.0 | 90.0 ± 0.0 | +70.0 ± 10.0 |" in table
     # Full fine-tuning is the reference, never the choice; the choice is made on dev.
     assert "Chosen on dev (accuracy): adamix-lora (merged), test accuracy 22.0 ± 0.0." in table
+
+
+def test_a_failing_job_cancels_the_jobs_not_yet_started():
+    import threading
+    import time
+
+    from adamix_ds.study.runner import run_side_by_side
+
+    started, lock = [], threading.Lock()
+
+    def job(item):
+        with lock:
+            started.append(item)
+        if item == 1:
+            raise RuntimeError("job 1 failed")
+        time.sleep(0.2)
+        return item * 10
+
+    assert run_side_by_side(job, [3, 0, 2], workers=2) == [30, 0, 20]
+    started.clear()
+    with pytest.raises(RuntimeError, match="job 1 failed"):
+        run_side_by_side(job, list(range(8)), workers=2)
+    # Jobs 0 and 1 start together; at most the one a worker picked up before the cancel follows.
+    assert sorted(started[:2]) == [0, 1] and len(started) <= 3

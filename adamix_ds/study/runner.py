@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -147,8 +147,7 @@ class QualityStudy:
             logger.info("%d of %d fine-tuning jobs done", next(done), len(jobs))
             return scores
 
-        with ThreadPoolExecutor(self.preset.parallel_jobs) as pool:
-            list(pool.map(run_and_count, jobs))
+        run_side_by_side(run_and_count, jobs, self.preset.parallel_jobs)
         self.timings["finetune_s"] = time.perf_counter() - started - self.timings["data_s"] - self.timings["pretrain_s"]
         self.timings["total_s"] = time.perf_counter() - started
         return self.aggregate(jobs)
@@ -222,6 +221,23 @@ class QualityStudy:
         majority = max(set(train), key=train.count)
         return {"supersense_majority": {"label": majority,
                                         "test_accuracy": 100.0 * test.count(majority) / len(test)}}
+
+
+def run_side_by_side(function, items: list, workers: int) -> list:
+    """function(item) for every item, `workers` at a time; results in item order.
+
+    The first failure cancels the items not yet started (those running finish) and is raised, so a
+    broken setup is reported after one round of jobs, not after the whole study.
+    """
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(function, item) for item in items]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in done and f.exception() is not None]
+        if failed:
+            for future in futures:
+                future.cancel()
+            raise failed[0].exception()
+    return [f.result() for f in futures]
 
 
 def _stat(values: list[float]) -> dict:
