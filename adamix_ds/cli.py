@@ -1,9 +1,12 @@
-"""What every entry point in launch/ shares: errors a user can act on become one line and an exit code."""
+"""What every entry point in launch/ shares: errors a user can act on become one line and an exit code, and the
+process ends without the interpreter teardown that collective worker threads can crash."""
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from .config import ConfigError
 from .termination import EXIT_CODE, TrainingInterrupted
@@ -20,3 +23,22 @@ def run_main(main: Callable[[], object]) -> int:
         print(f"adamix_ds: {stop}", file=sys.stderr)
         return EXIT_CODE
     return 0
+
+
+def exit_process(code: int) -> NoReturn:
+    """End an entry point's process with `code`: exit handlers run and output is flushed, teardown is skipped.
+
+    A gloo worker thread frees a finished collective's tensors after the caller has moved on, and needs the GIL to
+    drop their Python objects. The process groups outlive destroy_process_group (DeepSpeed keeps references), so
+    such a thread can still be waiting for the GIL when the interpreter finalizes; it then ends mid-unwind and the
+    process aborts ("terminate called without an active exception", signal 6) after a job that succeeded. Torch
+    does not guard this (pytorch/pytorch#179291 was abandoned). MPI is finalized here because mpi4py's own exit
+    hook belongs to the teardown.
+    """
+    atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

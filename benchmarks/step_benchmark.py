@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from adamix_ds import MixtureConfig, causal_lm_losses, distributed
 from adamix_ds.arguments import ModelArguments, TrainArguments
+from adamix_ds.cli import exit_process
 from adamix_ds.ds_config import load_ds_config, resolve_ds_config
 from adamix_ds.merged_export import folded_deltas, write_merged_model
 from adamix_ds.merging import merge_experts
@@ -349,3 +350,4 @@ def write_results(args, results: dict, merge: dict, ds_config: dict, world: int,
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -4,10 +4,8 @@ python launch/generate.py --model_path OUTPUT_DIR/merged/model --prompt "name[Zi
 python launch/generate.py --model_path OUTPUT_DIR/checkpoints/step-N --model_name_or_path BASE --eval_mode random
 """
 
-import sys
-
-from adamix_ds.cli import run_main
+from adamix_ds.cli import exit_process, run_main
 from adamix_ds.generation import generate_main, parse_generate_arguments
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda: generate_main(*parse_generate_arguments())))
+    exit_process(run_main(lambda: generate_main(*parse_generate_arguments())))

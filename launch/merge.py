@@ -3,10 +3,8 @@
 deepspeed launch/merge.py --checkpoint OUT/checkpoints/step-N --model_name_or_path BASE --output_dir OUT
 """
 
-import sys
-
-from adamix_ds.cli import run_main
+from adamix_ds.cli import exit_process, run_main
 from adamix_ds.merge_job import merge_checkpoint, parse_merge_arguments
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda: merge_checkpoint(*parse_merge_arguments())))
+    exit_process(run_main(lambda: merge_checkpoint(*parse_merge_arguments())))

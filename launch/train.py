@@ -3,11 +3,9 @@
 Options: python launch/train.py --help. Configuration errors exit with code 2.
 """
 
-import sys
-
 from adamix_ds.arguments import parse_arguments
-from adamix_ds.cli import run_main
+from adamix_ds.cli import exit_process, run_main
 from adamix_ds.trainer import train
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda: train(*parse_arguments())))
+    exit_process(run_main(lambda: train(*parse_arguments())))
