@@ -81,7 +81,11 @@ class TrainArguments:
     consistency_weight: float = field(
         default=0.0, metadata={"help": "lambda of the consistency loss (0 = off; reference: 1 or 100)."}
     )
-    eval_modes: str = field(default="merged,random", metadata={"help": "Routing modes evaluated at each eval."})
+    eval_modes: Optional[str] = field(
+        default=None, metadata={"help": "Routing modes evaluated at each eval, comma-separated from merged, random, "
+                                        "ensemble (default: merged,random; merged alone with one expert). Routed "
+                                        "methods evaluate their learned routers, --method full the model itself."}
+    )
     check_routes_every: int = field(
         default=0, metadata={"help": "Every K steps compare a digest of the routes across ranks (0 = off)."}
     )

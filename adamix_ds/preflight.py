@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .arguments import ModelArguments
-from .config import ConfigError, MixtureConfig
+from .config import EVAL_MODES, ConfigError, MixtureConfig
 from .targets import resolve_targets
 from .tiny_models import builtin_config, is_builtin
 
@@ -58,6 +58,25 @@ def check_method_options(mixture: MixtureConfig, args) -> None:
         if value != default:
             raise ConfigError(f"--{option}={value!r} is not allowed with --method {mixture.method}: it belongs to "
                               "AdaMix's stochastic routing (the routed methods learn per-token routers)")
+
+
+def resolve_eval_modes(mixture: MixtureConfig, eval_modes: str | None) -> list[str]:
+    """The routing modes evaluated at each eval of a stochastically routed mixture: merged weights (AdaMix,
+    Sec. 3.3), a random expert per example, or the experts' average output. With one expert every mode is the
+    same model, so it is evaluated once."""
+    if mixture.is_routed or mixture.is_full:
+        if eval_modes is not None:
+            what = "the model itself" if mixture.is_full else "their learned routers (eval/routed/loss)"
+            raise ConfigError(f"--eval_modes={eval_modes!r} is not allowed with --method {mixture.method}: it "
+                              f"chooses AdaMix's routing at evaluation, and this method evaluates {what}")
+        return []
+    if eval_modes is None:
+        return ["merged", "random"] if mixture.num_experts > 1 else ["merged"]
+    modes = list(dict.fromkeys(m.strip() for m in eval_modes.split(",") if m.strip()))
+    unknown = [m for m in modes if m not in EVAL_MODES]
+    if unknown or not modes:
+        raise ConfigError(f"--eval_modes={eval_modes!r} is not allowed: comma-separated from {', '.join(EVAL_MODES)}")
+    return modes
 
 
 def check_targets(model_args: ModelArguments, mixture: MixtureConfig) -> None:

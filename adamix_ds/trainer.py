@@ -21,7 +21,7 @@ from transformers import GenerationConfig
 from . import distributed, preflight
 from .accounting import ParameterCount
 from .arguments import DataArguments, ModelArguments, TrainArguments
-from .config import EVAL_MODES, ConfigError, MixtureConfig
+from .config import MixtureConfig
 from .batching import StepSampler, collate
 from .tokenization import train_eval_datasets
 from .tokenizer_loading import load_tokenizer
@@ -56,10 +56,7 @@ class Trainer:
                  args: TrainArguments) -> None:
         self.model_args, self.data_args, self.mixture_config, self.args = model_args, data_args, mixture_config, args
         self.output_dir = Path(args.output_dir)
-        self.eval_modes = [m.strip() for m in args.eval_modes.split(",") if m.strip()]
-        unknown = [m for m in self.eval_modes if m not in EVAL_MODES]
-        if unknown:
-            raise ConfigError(f"--eval_modes={args.eval_modes!r}: {unknown} not in {', '.join(EVAL_MODES)}")
+        self.eval_modes = preflight.resolve_eval_modes(mixture_config, args.eval_modes)
 
         self.seed = distributed.broadcast_int(args.seed)
         raw_ds_config = load_ds_config(args.deepspeed)

@@ -2,9 +2,11 @@
 
 import collections
 
+import pytest
 import torch
 
-from adamix_ds import MixtureConfig, MixtureSet, RoutePlan
+from adamix_ds import ConfigError, MixtureConfig, MixtureSet, RoutePlan
+from adamix_ds.preflight import resolve_eval_modes
 from adamix_ds.routing import DOWN, UP, Router, Slot, draw_expert, train_expert
 
 from conftest import batch, make_model
@@ -71,3 +73,17 @@ def test_routes_do_not_depend_on_torch_random_state():
     torch.manual_seed(2)
     model(batch())
     assert first == mixtures.router.record
+
+
+def test_evaluation_modes_follow_the_method():
+    assert resolve_eval_modes(MixtureConfig(method="adamix-lora"), None) == ["merged", "random"]
+    assert resolve_eval_modes(MixtureConfig(method="lora"), None) == ["merged"]  # one expert: one model
+    assert resolve_eval_modes(MixtureConfig(method="adamix-adapter"), " ensemble,merged,ensemble") == ["ensemble",
+                                                                                                       "merged"]
+    for method in ("moa-soft", "molora", "full"):
+        assert resolve_eval_modes(MixtureConfig(method=method), None) == []
+        with pytest.raises(ConfigError, match=f"--eval_modes='merged' is not allowed with --method {method}"):
+            resolve_eval_modes(MixtureConfig(method=method), "merged")
+    for bad in ("merged,top1", " , "):
+        with pytest.raises(ConfigError, match="comma-separated from merged, random, ensemble"):
+            resolve_eval_modes(MixtureConfig(method="adamix-lora"), bad)

@@ -116,8 +116,6 @@ class QualityStudy:
             "logging_steps": 25, "save_steps": 0, "save_total_limit": 1, "num_samples": 0, "seed": job.seed,
             "output_dir": out, "deepspeed": self._ds_config(p.finetune_deepspeed),
         }
-        if job.method.options["method"] in ("lora", "adapter"):
-            options["eval_modes"] = "merged"  # one expert: every routing mode is the same model
         start = time.perf_counter()
         self._launch(options, out / "train.log", ranks=1, threads=p.threads_per_job)
         trained = time.perf_counter() - start
