@@ -95,7 +95,7 @@ class FullTrainer(Trainer):
     def eval_mode_names(self) -> list[str]:
         return ["model"]
 
-    def eval_sums(self, batch: dict) -> tuple[int, float]:
+    def eval_sums(self, batch: dict, rows: list[int]) -> tuple[int, float]:
         logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         tokens, ce = logits_ce_sum(logits, batch["labels"])
         return tokens, ce.item()

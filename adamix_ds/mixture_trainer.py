@@ -153,9 +153,14 @@ class MixtureTrainer(Trainer):
     def set_eval_mode(self, mode: str) -> None:
         self.mixtures.router.set_eval_mode(mode)
 
-    def eval_sums(self, batch: dict) -> tuple[int, float]:
-        out = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                               chunk_tokens=self.args.loss_chunk_tokens)
+    def eval_routing(self, rows: list[int]):
+        """Random-mode evaluation routes each example by its index in the eval set (any batching, any ranks)."""
+        return self.mixtures.router.keyed_rows(rows)
+
+    def eval_sums(self, batch: dict, rows: list[int]) -> tuple[int, float]:
+        with self.eval_routing(rows):
+            out = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                   chunk_tokens=self.args.loss_chunk_tokens)
         return out.tokens, out.lm.item()
 
     def evaluate(self) -> dict:

@@ -9,6 +9,8 @@ routing cannot be averaged into one module).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .consistency import causal_lm_losses
@@ -49,6 +51,9 @@ class RoutedTrainer(MixtureTrainer):
 
     def set_eval_mode(self, mode: str) -> None:
         """The learned routers route evaluation as they route training."""
+
+    def eval_routing(self, rows: list[int]):
+        return contextlib.nullcontext()
 
     def evaluate(self) -> dict:
         return Trainer.evaluate(self)

@@ -24,6 +24,7 @@ from .config import EVAL_MODES
 _MASK = (1 << 64) - 1
 _TRAIN_DOMAIN = 0x7472
 _EVAL_DOMAIN = 0x6576
+_EXAMPLE_DOMAIN = 0x6578
 
 DOWN, UP = 0, 1
 Choice = Union[list, str]
@@ -99,7 +100,9 @@ class Router:
     pass `passes[g]` at `step`; the consistency loss runs the batch twice in one forward with
     `passes = (0, 1)`. Outside training, `eval_mode` decides: `merged` averages the experts (always
     from the current weights), `ensemble` averages the experts' outputs, `random` draws an expert
-    per example on every forward.
+    per example: from the example's identity when the caller names the rows (`keyed_rows`, as the
+    trainer's evaluation does), so that the result does not depend on batching, ranks or the forwards
+    before; otherwise afresh on every forward (a new draw per generated token).
     """
 
     seed: int
@@ -108,6 +111,7 @@ class Router:
     passes: tuple = (0,)
     forwards: int = 0
     record: list | None = field(default=None, repr=False)
+    row_keys: list | None = field(default=None, repr=False)
     counts: collections.Counter = field(default_factory=collections.Counter, repr=False)
     """Training choices per (slot, side, expert), for diagnostics; whoever reads them resets them."""
 
@@ -127,6 +131,10 @@ class Router:
         if num_experts == 1:
             return [0]
         if self.eval_mode == "random":
+            if self.row_keys is not None:
+                if len(self.row_keys) != batch_size:
+                    raise ValueError(f"{len(self.row_keys)} row keys for a batch of {batch_size} rows")
+                return [draw_expert(num_experts, self.seed, _EXAMPLE_DOMAIN, key, slot, side) for key in self.row_keys]
             return [
                 draw_expert(num_experts, self.seed, _EVAL_DOMAIN, self.forwards, row, slot, side)
                 for row in range(batch_size)
@@ -141,6 +149,15 @@ class Router:
             yield self
         finally:
             self.passes = saved
+
+    @contextlib.contextmanager
+    def keyed_rows(self, keys: Sequence[int]):
+        """Within the block, random-mode row r routes by keys[r] (e.g. its index in the evaluation set)."""
+        saved, self.row_keys = self.row_keys, list(keys)
+        try:
+            yield self
+        finally:
+            self.row_keys = saved
 
     def set_eval_mode(self, mode: str) -> None:
         if mode not in EVAL_MODES:

@@ -98,8 +98,8 @@ class Trainer:
         """The merged outputs after training (collective)."""
         raise NotImplementedError
 
-    def eval_sums(self, batch: dict) -> tuple[int, float]:
-        """(target tokens, summed cross-entropy) of one evaluation batch."""
+    def eval_sums(self, batch: dict, rows: list[int]) -> tuple[int, float]:
+        """(target tokens, summed cross-entropy) of one evaluation batch of eval-set `rows`."""
         raise NotImplementedError
 
     def verify(self) -> None:
@@ -143,7 +143,7 @@ class Trainer:
                 batch = self.batch(rows or [0], self.eval_data)
                 if not rows:
                     batch["labels"].fill_(-100)
-                sums += torch.tensor(self.eval_sums(batch), dtype=torch.float64)
+                sums += torch.tensor(self.eval_sums(batch, rows or [0]), dtype=torch.float64)
             sums = distributed.all_reduce_sum(sums).cpu()
             loss = sums[1].item() / max(sums[0].item(), 1.0)
             metrics[f"eval/{mode}/loss"] = loss

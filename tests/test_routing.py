@@ -61,6 +61,26 @@ def test_consistency_passes_split_the_batch():
     assert router.choose(2, DOWN, 8, training=False, batch_size=4) == "merged"
 
 
+def test_keyed_random_evaluation_routes_each_row_by_its_key_alone():
+    router = Router(seed=5, eval_mode="random")
+    with router.keyed_rows([7, 3, 7]):
+        together = router.choose(slot=1, side=UP, num_experts=4, training=False, batch_size=3)
+    router.count_forward()
+    alone = []
+    for key in (7, 3, 7):
+        with router.keyed_rows([key]):
+            alone += router.choose(slot=1, side=UP, num_experts=4, training=False, batch_size=1)
+    assert together == alone and together[0] == together[2]
+    counts = collections.Counter()
+    for key in range(400):
+        with router.keyed_rows([key]):
+            counts[router.choose(1, UP, 4, training=False, batch_size=1)[0]] += 1
+    assert sorted(counts) == [0, 1, 2, 3] and min(counts.values()) > 60  # uniform over the experts
+    assert router.row_keys is None
+    with pytest.raises(ValueError, match="2 row keys for a batch of 3 rows"), router.keyed_rows([1, 2]):
+        router.choose(1, UP, 4, training=False, batch_size=3)
+
+
 def test_routes_do_not_depend_on_torch_random_state():
     model = make_model("llama")
     mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4, share="none"), seed=3)

@@ -23,7 +23,8 @@ def _args(ws, out, micro, accumulation=1, extra=()):
         "--deepspeed", "ds_configs/zero3.json", "--model_name_or_path", str(ws.base), "--data_path", str(ws.data),
         "--output_dir", str(out), "--max_seq_length", "40", "--max_steps", str(STEPS), "--logging_steps", "1",
         "--learning_rate", "5e-3", "--warmup_steps", "1", "--method", "adamix-lora", "--num_experts", "4",
-        "--share", "none", "--lora_r", "4", "--consistency_weight", "1.0",
+        "--share", "none", "--lora_r", "4", "--consistency_weight", "1.0", "--eval_split_ratio", "0.1",
+        "--eval_steps", "2",
         "--per_device_train_batch_size", str(micro), "--gradient_accumulation_steps", str(accumulation), *extra,
     ]
 
@@ -67,6 +68,26 @@ def test_accumulation_equals_one_larger_micro_batch(runs):
     for step in one:
         assert acc[step] == pytest.approx(one[step], abs=1e-5), step
     _assert_close_weights(_final_weights(runs["accumulated"]), _final_weights(runs["one_rank"]), 1e-5)
+
+
+def _evals(out):
+    return {h["step"]: {k: v for k, v in h.items() if k.startswith("eval/")}
+            for h in run_record(out)["history"] if "eval/merged/loss" in h}
+
+
+def test_evaluation_does_not_depend_on_ranks_batching_or_resume(runs):
+    """Random routing draws each eval example's experts from its index in the eval set, so the eval batch
+    (2 per rank on 2 ranks, 4 on one), the forwards before (accumulation) and a resume change nothing."""
+    reference = _evals(runs["two_ranks"])
+    assert sorted(reference) == [0, 2, 4, 5]
+    assert reference[5]["eval/random/loss"] != reference[5]["eval/merged/loss"]
+    for name in ("one_rank", "accumulated", "resumed"):
+        evals = _evals(runs[name])
+        assert set(evals) <= set(reference) and len(evals) >= 2, name
+        for step, metrics in evals.items():
+            assert metrics.keys() == reference[step].keys()
+            for key, value in metrics.items():
+                assert value == pytest.approx(reference[step][key], rel=1e-5), (name, step, key)
 
 
 def test_routes_identical_on_both_ranks(runs):
