@@ -95,6 +95,12 @@ class TrainArguments:
     save_routes: bool = field(
         default=False, metadata={"help": "Write every route taken to OUTPUT_DIR/routes/rank-R.jsonl (audits)."}
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each decoder layer's activations in the backward instead of keeping them "
+                          "(non-reentrant activation checkpointing): far less activation memory for about one "
+                          "more forward of compute; routes, dropout masks and router statistics are unchanged."},
+    )
     loss_chunk_tokens: int = field(default=1024, metadata={"help": "Target tokens per chunk of the output projection."})
     num_samples: int = field(default=4, metadata={"help": "Generate for this many held-out prompts at the end."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample."})

@@ -56,7 +56,7 @@ class MoALayer(nn.Module):
         x = normed.reshape(-1, normed.shape[-1])
         valid = self.stats.valid_rows(x.shape[0])
         self.gates = self.router(x, valid)
-        if training:
+        if training and self.stats.first_visit(self.spec.name):
             self.stats.add(self.spec.name.rsplit(".", 1)[-1], self.names, self.gates, valid)
 
     def update(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class MoASet(HookedMixtures):
         return ((layer.spec.name, layer) for layer in self.layers)
 
     def hooks(self, model: nn.Module, modules: dict[str, nn.Module]) -> list:
-        handles: list = []
+        handles = [getattr(model, "base_model", model).register_forward_pre_hook(self.stats.new_forward)]
         for layer in self.layers:
             self._attach_layer(layer, lambda suffix, p=layer.spec.name: modules[f"{p}.{suffix}"], handles)
         return handles

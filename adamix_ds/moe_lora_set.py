@@ -33,12 +33,8 @@ class MoELoRASet(TargetMixtures):
 
     def hooks(self, model: nn.Module, modules: dict[str, nn.Module]) -> list:
         handles = [modules[t.name].register_forward_hook(self._hook(t, m)) for t, m in zip(self.targets, self.mixtures)]
-        # Each forward starts a fresh list of load-balancing losses (an unread one never piles up).
-        handles.append(getattr(model, "base_model", model).register_forward_pre_hook(self._new_forward))
+        handles.append(getattr(model, "base_model", model).register_forward_pre_hook(self.stats.new_forward))
         return handles
-
-    def _new_forward(self, *_args) -> None:
-        self.stats.aux_losses.clear()
 
     def _hook(self, target: Target, mixture: RoutedLoRA):
         layer = layer_of(target.name)
@@ -47,7 +43,7 @@ class MoELoRASet(TargetMixtures):
             x = args[0]
             valid = self.stats.valid_rows(x.numel() // x.shape[-1])
             delta, gates = mixture(x, valid)
-            if module.training:
+            if module.training and self.stats.first_visit(target.name):
                 self.stats.add(layer, self.expert_labels, gates, valid)
                 self.stats.add_aux_loss(gates.aux_loss)
             return output + delta

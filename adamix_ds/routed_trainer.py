@@ -29,18 +29,18 @@ class RoutedTrainer(MixtureTrainer):
         """CE sum (+ aux weight x aux loss x target tokens, so that the token normalisation of the step
         turns it into the token-weighted mean of the micro-batches' aux losses)."""
         stats, weight = self.mixtures.stats, self.mixture_config.aux_weight
-        stats.valid = batch["attention_mask"]
+        stats.valid = batch["attention_mask"]  # until after the backward, where checkpointed layers recompute
         try:
             sums = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                     chunk_tokens=self.args.loss_chunk_tokens)
             aux = stats.pop_aux_loss()
+            total, aux_sum = sums.lm, 0.0
+            if aux is not None and weight > 0:
+                total = total + weight * sums.tokens * aux
+                aux_sum = aux.item() * sums.tokens
+            total.backward()
         finally:
             stats.valid = None
-        total, aux_sum = sums.lm, 0.0
-        if aux is not None and weight > 0:
-            total = total + weight * sums.tokens * aux
-            aux_sum = aux.item() * sums.tokens
-        total.backward()
         return torch.tensor([sums.tokens, sums.lm.item(), 0.0, aux_sum], dtype=torch.float64)
 
     def extra_metrics(self) -> dict:

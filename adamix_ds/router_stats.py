@@ -23,6 +23,21 @@ class RouterStats:
         self.aux_losses: list[torch.Tensor] = []
         self.valid: torch.Tensor | None = None
         """(B, T) attention mask of the batch being trained on, set by the trainer; None counts every token."""
+        self.visited: set[str] = set()
+
+    def new_forward(self, *_args) -> None:
+        """Forward pre-hook of the decoder: a fresh list of load-balancing losses (an unread one never piles
+        up) and no router seen yet."""
+        self.aux_losses.clear()
+        self.visited.clear()
+
+    def first_visit(self, router: str) -> bool:
+        """True the first time `router` runs in this forward; a recomputation by activation checkpointing
+        must not count its tokens or its load-balancing loss again."""
+        if router in self.visited:
+            return False
+        self.visited.add(router)
+        return True
 
     def valid_rows(self, rows: int) -> torch.Tensor | None:
         """The flattened token mask when it describes `rows` tokens (else None: generation, odd shapes)."""

@@ -114,15 +114,23 @@ class Router:
     row_keys: list | None = field(default=None, repr=False)
     counts: collections.Counter = field(default_factory=collections.Counter, repr=False)
     """Training choices per (slot, side, expert), for diagnostics; whoever reads them resets them."""
+    noted: dict = field(default_factory=dict, repr=False)
+    """(slot, side) -> ((forward, step), choice) of the last training forward. A layer recomputed by
+    activation checkpointing (in the backward, after `use_passes` has ended) gets that choice back, and is
+    not counted or recorded twice."""
 
     def choose(self, slot: int, side: int, num_experts: int, training: bool, batch_size: int) -> Choice:
         """The experts for one module call: a list of indices, one per row group, or 'merged'/'ensemble'."""
         if training:
+            when, choice = self.noted.get((slot, side), (None, None))
+            if when == (self.forwards, self.step):
+                return choice
             if len(self.passes) > 1 and batch_size % len(self.passes):
                 raise ValueError(
                     f"batch of {batch_size} rows cannot be split into {len(self.passes)} routing groups"
                 )
             choice = [train_expert(self.seed, self.step, p, slot, side, num_experts) for p in self.passes]
+            self.noted[(slot, side)] = ((self.forwards, self.step), choice)
             if num_experts > 1:
                 self.counts.update((slot, side, e) for e in choice)
             if self.record is not None:

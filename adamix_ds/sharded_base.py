@@ -78,6 +78,19 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
     return ShardedBase(model=model, stage=stage, device=device, _keepalive=keep)
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute every decoder layer in the backward. Non-reentrant: the mixtures' hooks run again inside the
+    recomputation with the forward's random state, so tensors they save need no special care."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--gradient_checkpointing: {type(model).__name__} does not support activation "
+                          "checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _attach_coordinator(model: torch.nn.Module, ds_config: dict):
     """DeepSpeed's ZeRO-3 parameter coordinator on the base alone, configured from zero_optimization."""
     from deepspeed.runtime.config import DeepSpeedConfig

@@ -30,7 +30,7 @@ from .generation import complete, prompt_of
 from .monitoring import Monitor, peak_memory_gb
 from .termination import TerminationRequest, TrainingInterrupted
 from .routing import counter_hash
-from .sharded_base import load_base
+from .sharded_base import enable_activation_checkpointing, load_base
 
 logger = logging.getLogger("adamix_ds")
 
@@ -79,6 +79,8 @@ class Trainer:
         self.base = load_base(model_args, self.ds_config, vocab_size=len(self.tokenizer), seed=args.seed,
                               trainable=self.trainable_base)
         self.model = self.base.model
+        if args.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.step = 0
         self.history: list[dict] = []
         self.monitor = Monitor(self.ds_config, self.output_dir, self.total_steps)

@@ -41,10 +41,11 @@ def runs(workspace, tmp_path_factory):
         "--save_steps", "2", "--save_total_limit", "10", "--save_routes", "--check_routes_every", "1")), ranks=2)
     run_entry("train.py", _args(workspace, out["one_rank"], 4, extra=("--merge_at_end", "false")))
     run_entry("train.py", _args(workspace, out["accumulated"], 2, accumulation=2, extra=("--merge_at_end", "false")))
-    # A crash right after the step-2 checkpoint: a new job finds it and continues.
+    # A crash right after the step-2 checkpoint: a new job finds it and continues, recomputing activations
+    # in the backward (which must change nothing, routes and consistency passes included).
     shutil.copytree(out["two_ranks"] / "checkpoints" / "step-2", out["resumed"] / "checkpoints" / "step-2")
     run_entry("train.py", _args(workspace, out["resumed"], 2, extra=(
-        "--resume_from_checkpoint", "auto", "--merge_at_end", "false")), ranks=2)
+        "--resume_from_checkpoint", "auto", "--merge_at_end", "false", "--gradient_checkpointing", "true")), ranks=2)
     return out
 
 
@@ -112,7 +113,8 @@ def test_base_is_sharded_and_mixtures_replicated(runs, workspace):
     assert record["batch"]["global_batch"] == 4
 
 
-def test_resume_continues_exactly(runs):
+def test_resume_continues_exactly_with_or_without_activation_checkpointing(runs):
+    assert run_record(runs["resumed"])["arguments"]["train"]["gradient_checkpointing"] is True
     resumed, uninterrupted = train_losses(runs["resumed"]), train_losses(runs["two_ranks"])
     assert sorted(resumed) == [3, 4, 5]
     for step in resumed:
