@@ -30,6 +30,18 @@ class ModelArguments:
         metadata={"help": "Tokenizer directory or a sentencepiece .model file (default: the model directory)."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model repository."})
+    attn_implementation: Optional[str] = field(
+        default=None,
+        metadata={"help": "Attention kernel, Hugging Face's names: sdpa (the default where the model supports it), "
+                          "eager, flash_attention_2 (needs the flash-attn package and a GPU), flex_attention."},
+    )
+
+    def loading_options(self) -> dict:
+        """Keyword arguments of from_pretrained / from_config that these arguments set."""
+        options: dict = {"trust_remote_code": self.trust_remote_code}
+        if self.attn_implementation:
+            options["attn_implementation"] = self.attn_implementation
+        return options
 
 
 @dataclass

@@ -79,10 +79,9 @@ def resolve_eval_modes(mixture: MixtureConfig, eval_modes: str | None) -> list[s
     return modes
 
 
-def check_targets(model_args: ModelArguments, mixture: MixtureConfig) -> None:
-    """Resolve the mixture's targets on a weightless (meta-device) copy of the model: no download, no memory."""
-    if mixture.is_full:
-        return
+def check_model(model_args: ModelArguments, mixture: MixtureConfig) -> None:
+    """Build a weightless (meta-device) copy of the model, which checks --attn_implementation, and resolve the
+    mixture's targets on it: no download, no memory."""
     name = model_args.model_name_or_path
     if is_builtin(name):
         try:
@@ -93,6 +92,12 @@ def check_targets(model_args: ModelArguments, mixture: MixtureConfig) -> None:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
     else:
         return  # a hub name: checked when it is loaded
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
-    resolve_targets(model, mixture)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **model_args.loading_options())
+    except (ValueError, ImportError) as error:
+        if not model_args.attn_implementation:
+            raise
+        raise ConfigError(f"--attn_implementation={model_args.attn_implementation!r}: {error}") from None
+    if not mixture.is_full:
+        resolve_targets(model, mixture)

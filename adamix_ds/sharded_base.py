@@ -45,8 +45,8 @@ def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int
             config = builtin_config(name, vocab_size)
         except ValueError as error:
             raise ConfigError(f"--model_name_or_path: {error}") from error
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **model_args.loading_options())
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **model_args.loading_options())
 
 
 def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed: int,

@@ -118,6 +118,8 @@ def _typo_config(tmp_path):
         ("experts", "--num_experts=0 is not allowed: an integer >= 1"),
         ("rank", "--lora_r=0 is not allowed: an integer > 0"),
         ("targets", "--target_modules pattern 'qq_proj' matches no linear layer; linear layers: model.layers.*"),
+        ("attention", "--attn_implementation='flash_attn': Specified `attn_implementation=\"flash_attn\"` is not "
+                      "supported"),
         ("ds_key", "unknown key 'train_micro_batch_size_per_gp'; did you mean 'train_micro_batch_size_per_gpu'?"),
         ("ds_json", "not valid JSON"),
         ("batch", "train_batch_size=5 but micro-batch 4 x accumulation 1 x 1 ranks = 4"),
@@ -126,7 +128,8 @@ def _typo_config(tmp_path):
 )
 def test_bad_configuration_fails_fast_with_one_line_and_code_2(case, message, tmp_path):
     args = {"method": ["--method", "prefix"], "experts": ["--num_experts", "0"], "rank": ["--lora_r", "0"],
-            "targets": ["--target_modules", "qq_proj"], "ds_key": ["--deepspeed", _typo_config(tmp_path)]}.get(case, [])
+            "targets": ["--target_modules", "qq_proj"], "ds_key": ["--deepspeed", _typo_config(tmp_path)],
+            "attention": ["--attn_implementation", "flash_attn"]}.get(case, [])
     if case == "ds_json":
         (tmp_path / "bad.json").write_text('{"train_batch_size": 4,,}')
         args = ["--deepspeed", str(tmp_path / "bad.json")]

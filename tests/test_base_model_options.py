@@ -1,6 +1,7 @@
-"""--gradient_checkpointing: a decoder layer recomputed in the backward gives the loss, gradients, routes and
-router statistics of one that kept its activations, for every family of mixtures (each layer's hooks do run
-twice, so the equalities are not vacuous)."""
+"""Options of the base model. --gradient_checkpointing: a decoder layer recomputed in the backward gives the
+loss, gradients, routes and router statistics of one that kept its activations, for every family of mixtures
+(each layer's hooks do run twice, so the equalities are not vacuous). --attn_implementation: the kernel the
+base is built with."""
 
 import re
 from types import SimpleNamespace
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 from adamix_ds import MixtureConfig
+from adamix_ds.arguments import ModelArguments
 from adamix_ds.mixture_families import inject_mixtures
 from adamix_ds.mixture_trainer import MixtureTrainer
 from adamix_ds.routed_trainer import RoutedTrainer
-from adamix_ds.sharded_base import enable_activation_checkpointing
+from adamix_ds.sharded_base import _from_source, enable_activation_checkpointing
 
 from conftest import batch, make_model, randomize
 
@@ -70,3 +72,16 @@ def test_recomputed_layers_train_exactly_as_kept_ones(case):
     for name in grads:
         torch.testing.assert_close(grads_c[name], grads[name], rtol=0, atol=0, msg=name)
     assert diagnostics_c == diagnostics and diagnostics
+
+
+def test_attention_kernel_is_the_one_asked_for_and_computes_the_same():
+    ids = batch(rows=2, length=9)
+    logits = {}
+    for kernel in (None, "eager", "sdpa"):
+        torch.manual_seed(0)
+        model = _from_source(ModelArguments(model_name_or_path="tiny:llama", attn_implementation=kernel),
+                             torch.float32, vocab_size=128).eval()
+        assert model.config._attn_implementation == (kernel or "sdpa")
+        with torch.no_grad():
+            logits[kernel] = model(ids).logits
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=1e-5, atol=1e-5)
