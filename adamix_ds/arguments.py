@@ -79,6 +79,12 @@ class TrainArguments:
     adam_epsilon: Optional[float] = field(default=None, metadata={"help": "default 1e-8"})
     max_grad_norm: Optional[float] = field(default=None, metadata={"help": "Gradient clipping norm (default 1.0; 0 = off)."})
     warmup_steps: Optional[int] = field(default=None, metadata={"help": "Learning-rate warm-up steps (default 0)."})
+    lr_scheduler_type: Optional[str] = field(
+        default=None,
+        metadata={"help": "Learning-rate schedule after the warm-up: linear (decay to 0, the default), cosine (to "
+                          "1e-4 of the peak) or constant_with_warmup; DeepSpeed's WarmupDecayLR, WarmupCosineLR and "
+                          "WarmupLR, for a config whose scheduler.type is \"auto\"."},
+    )
     max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps; overrides num_train_epochs if > 0."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs when max_steps is not set."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})

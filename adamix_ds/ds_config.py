@@ -32,6 +32,8 @@ DEFAULTS = {
 }
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+SCHEDULER_OF_TYPE = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR", "constant_with_warmup": "WarmupLR"}
+"""--lr_scheduler_type (Hugging Face's names) -> the DeepSpeed schedule that draws the same curve."""
 
 
 @dataclass(frozen=True)
@@ -147,20 +149,62 @@ def resolve_ds_config(
         params["betas"] = [resolved["0"], resolved["1"]]
         _merge(params, "eps", "adam_epsilon", args.adam_epsilon, where="optimizer.params.")
 
-    scheduler = config.get("scheduler")
+    scheduler = _scheduler_section(config, args.lr_scheduler_type)
     if scheduler is not None:
-        if scheduler.get("type") not in SCHEDULERS:
-            raise ConfigError(f"scheduler.type={scheduler.get('type')!r}: supported are {', '.join(SCHEDULERS)}")
-        sparams = scheduler.setdefault("params", {})
-        if scheduler["type"] != "WarmupCosineLR":
-            if sparams.get("warmup_max_lr", AUTO) == AUTO:
-                sparams["warmup_max_lr"] = params["lr"]
-            if sparams.get("warmup_min_lr", AUTO) == AUTO:
-                sparams["warmup_min_lr"] = 0.0
+        sparams, accepted = scheduler["params"], _schedule_parameters(scheduler["type"])
+        if "warmup_max_lr" in accepted and sparams.get("warmup_max_lr", AUTO) == AUTO:
+            sparams["warmup_max_lr"] = params["lr"]
+        if "warmup_min_lr" in accepted and sparams.get("warmup_min_lr", AUTO) == AUTO:
+            sparams["warmup_min_lr"] = 0.0
         _merge(sparams, "warmup_num_steps", "warmup_steps", args.warmup_steps, where="scheduler.params.")
-        if scheduler["type"] != "WarmupLR":
-            if sparams.get("total_num_steps", AUTO) == AUTO:
-                if steps_for is None:
-                    raise ConfigError("scheduler.params.total_num_steps is \"auto\" but the number of steps is unknown")
-                sparams["total_num_steps"] = steps_for(plan)
+        if "total_num_steps" in accepted and sparams.get("total_num_steps", AUTO) == AUTO:
+            if steps_for is None:
+                raise ConfigError("scheduler.params.total_num_steps is \"auto\" but the number of steps is unknown")
+            sparams["total_num_steps"] = steps_for(plan)
     return config, plan
+
+
+def _scheduler_section(config: dict, lr_scheduler_type: str | None) -> dict | None:
+    """The scheduler section with its type decided: the config's, or --lr_scheduler_type's where the config
+    says "auto" (linear when neither says), and only the parameters that schedule takes: an "auto" one that
+    belongs to another schedule is dropped, an explicit one is an error."""
+    wanted = None
+    if lr_scheduler_type is not None:
+        if lr_scheduler_type not in SCHEDULER_OF_TYPE:
+            raise ConfigError(f"--lr_scheduler_type={lr_scheduler_type!r} is not allowed: one of "
+                              f"{', '.join(SCHEDULER_OF_TYPE)}")
+        wanted = SCHEDULER_OF_TYPE[lr_scheduler_type]
+    scheduler = config.get("scheduler")
+    if scheduler is None:
+        if wanted is None:
+            return None
+        scheduler = config["scheduler"] = {"type": wanted}
+    kind = scheduler.get("type", AUTO)
+    if kind == AUTO:
+        kind = wanted or SCHEDULER_OF_TYPE["linear"]
+    elif wanted is not None and kind != wanted:
+        raise ConfigError(f"--lr_scheduler_type={lr_scheduler_type} asks for DeepSpeed's {wanted} but the config's "
+                          f"scheduler.type is {kind!r}; make it \"auto\" or leave out one of the two")
+    if kind not in SCHEDULERS:
+        raise ConfigError(f"scheduler.type={kind!r}: supported are {', '.join(SCHEDULERS)}")
+    scheduler["type"] = kind
+    sparams = scheduler.setdefault("params", {})
+    accepted = _schedule_parameters(kind)
+    for name, value in list(sparams.items()):
+        if name in accepted:
+            continue
+        if value != AUTO:
+            raise ConfigError(f"scheduler.params.{name}={value!r} does not apply to {kind} (it takes "
+                              f"{', '.join(sorted(accepted))})")
+        del sparams[name]
+    return scheduler
+
+
+def _schedule_parameters(kind: str) -> set[str]:
+    """The keyword parameters of DeepSpeed's schedule class `kind`."""
+    import inspect
+
+    from deepspeed.runtime import lr_schedules
+
+    names = set(inspect.signature(getattr(lr_schedules, kind)).parameters)
+    return names - {"self", "optimizer", "last_batch_iteration"}

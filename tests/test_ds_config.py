@@ -1,6 +1,8 @@
 """DeepSpeed config resolution: "auto" values, conflicts, batch arithmetic, optimizer and schedule."""
 
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -78,6 +80,57 @@ def test_optimizer_and_schedule_follow_the_sections():
         scheduler.step()
     # DeepSpeed's WarmupDecayLR, linear: 0 -> 0.1 over 2 steps, then linear decay to 0 at step 6.
     assert lrs == pytest.approx([0.0, 0.05, 0.1, 0.075, 0.05, 0.025])
+
+
+def _lrs(config, steps):
+    param = torch.nn.Parameter(torch.ones(1))
+    optimizer = build_optimizer([param], config["optimizer"])
+    scheduler = build_scheduler(optimizer, config["scheduler"])
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_lr_scheduler_type_picks_the_schedule_of_an_auto_config():
+    args = dict(learning_rate=0.1, warmup_steps=2)
+    cosine, _ = resolve_ds_config(SHIPPED, TrainArguments(lr_scheduler_type="cosine", **args), world_size=1,
+                                  steps_for=lambda p: 6)
+    assert cosine["scheduler"] == {"type": "WarmupCosineLR", "params": {
+        "warmup_num_steps": 2, "total_num_steps": 6, "warmup_type": "linear"}}
+    # By hand: linear warm-up 0 -> peak over 2 steps, then peak * (r + (1 - r) (1 + cos(pi k / 4)) / 2) for
+    # k = 1..4 post-warm-up steps, r = 1e-4 (DeepSpeed's cos_min_ratio).
+    r = 1e-4
+    cosine_part = [0.1 * (r + (1 - r) * (1 + math.cos(math.pi * k / 4)) / 2) for k in (1, 2, 3, 4)]
+    assert _lrs(cosine, 6) == pytest.approx([0.0, 0.05] + cosine_part)
+    constant, _ = resolve_ds_config(SHIPPED, TrainArguments(lr_scheduler_type="constant_with_warmup", **args),
+                                    world_size=1, steps_for=lambda p: 6)
+    assert constant["scheduler"]["type"] == "WarmupLR" and "total_num_steps" not in constant["scheduler"]["params"]
+    assert _lrs(constant, 5) == pytest.approx([0.0, 0.05, 0.1, 0.1, 0.1])
+    linear, _ = resolve_ds_config(SHIPPED, TrainArguments(**args), world_size=1, steps_for=lambda p: 6)
+    assert linear["scheduler"]["type"] == "WarmupDecayLR"  # "auto" without the option: linear
+    no_section = {k: v for k, v in SHIPPED.items() if k != "scheduler"}
+    assert resolve_ds_config(no_section, TrainArguments(), world_size=1)[0].get("scheduler") is None
+    added, _ = resolve_ds_config(no_section, TrainArguments(lr_scheduler_type="cosine"), world_size=1,
+                                 steps_for=lambda p: 6)
+    assert added["scheduler"]["type"] == "WarmupCosineLR"
+
+
+@pytest.mark.parametrize("scheduler, option, message", [
+    ({"type": "WarmupDecayLR", "params": {}}, "cosine",
+     "--lr_scheduler_type=cosine asks for DeepSpeed's WarmupCosineLR but the config's scheduler.type is "
+     "'WarmupDecayLR'"),
+    ({"type": "auto", "params": {}}, "polynomial", "--lr_scheduler_type='polynomial' is not allowed: one of linear, "
+                                                   "cosine, constant_with_warmup"),
+    ({"type": "auto", "params": {"warmup_max_lr": 0.5}}, "cosine",
+     "scheduler.params.warmup_max_lr=0.5 does not apply to WarmupCosineLR"),
+])
+def test_schedule_conflicts_are_refused(scheduler, option, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_ds_config({**SHIPPED, "scheduler": scheduler}, TrainArguments(lr_scheduler_type=option),
+                          world_size=1, steps_for=lambda p: 6)
 
 
 def test_run_file_with_command_line_override(tmp_path):
