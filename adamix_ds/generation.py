@@ -44,8 +44,8 @@ def decoding_config(args: GenerateArguments, tokenizer) -> GenerationConfig:
 
 
 def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
-    """(model, tokenizer) in eval mode: a merged model, a routed method's export (base + mixture in one
-    directory), or base + a mixture checkpoint routed as args.eval_mode."""
+    """(model, tokenizer, mixtures) in eval mode: a merged model (mixtures None), a routed method's export
+    (base + mixture in one directory), or base + a mixture checkpoint routed as args.eval_mode."""
     path = Path(args.model_path)
     mixtures = None
     if (path / "config.json").is_file():
@@ -71,7 +71,7 @@ def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
     model.to(device).eval()
     if mixtures is not None:
         mixtures.to(device)  # the mixtures live outside the model's module tree
-    return model, tokenizer
+    return model, tokenizer, mixtures
 
 
 @torch.no_grad()
@@ -96,7 +96,7 @@ def prompt_of(row: dict) -> tuple[list[int], list[int]]:
 
 
 def generate_main(model_args: ModelArguments, args: GenerateArguments) -> list[dict]:
-    model, tokenizer = load_for_generation(model_args, args)
+    model, tokenizer, _ = load_for_generation(model_args, args)
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as handle:

@@ -103,10 +103,10 @@ def test_export_holds_base_and_mixture_and_serves_generation(sparse_runs, worksp
     assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors",
                                                  "model-00002-of-00002.safetensors"}
     assert json.loads((export / "mixture_config.json").read_text())["config"]["method"] == "moa-sparse"
-    model, tokenizer = load_for_generation(ModelArguments(), GenerateArguments(model_path=str(export)))
+    model, tokenizer, _ = load_for_generation(ModelArguments(), GenerateArguments(model_path=str(export)))
     # The same logits as the base the run started from with the final checkpoint's mixture attached.
     checkpoint = sparse_runs["two_ranks"] / "checkpoints" / f"step-{STEPS}"
-    reference, _ = load_for_generation(ModelArguments(model_name_or_path=str(workspace.base)),
+    reference, _, _ = load_for_generation(ModelArguments(model_name_or_path=str(workspace.base)),
                                        GenerateArguments(model_path=str(checkpoint)))
     ids = tokenizer("name[Aromi] food[Chinese] =>", return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -16,6 +16,7 @@ from adamix_ds.study import python_docs, wordnet_tasks
 from adamix_ds.study.scoring import (
     definition_scores,
     greedy_completions,
+    most_likely_completions,
     supersense_accuracy,
 )
 from adamix_ds.study.wordnet import (
@@ -146,6 +147,37 @@ def test_batched_greedy_completions_equal_one_prompt_at_a_time(workspace):
         assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def test_most_likely_completion_by_the_models_own_loss(workspace):
+    from transformers import AutoModelForCausalLM
+
+    from adamix_ds.arguments import ModelArguments
+    from adamix_ds.tokenizer_loading import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(workspace.base)))
+    model = AutoModelForCausalLM.from_pretrained(workspace.base).eval()
+    with torch.no_grad():  # sharper next-token distributions, so that the prompt decides the winner
+        for name, param in model.named_parameters():
+            if "proj" in name:
+                param.mul_(10)
+    prompts = ["name[Aromi] food[Chinese] =>", "name[Zizzi] =>", "area[riverside] near[Yippee Noodle Bar] =>",
+               "eatType[pub] =>", "food[Italian] priceRange[high] =>"]
+    candidates = [" pub", " restaurant", " Chinese", " Italian", " riverside"]  # 1 to 8 tokens each
+    expected = []
+    for prompt in prompts:
+        totals = []
+        for candidate in candidates:
+            p = tokenizer(prompt)["input_ids"]
+            c = tokenizer(candidate, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                loss = model(input_ids=torch.tensor([p + c]), labels=torch.tensor([[-100] * len(p) + c])).loss
+            totals.append(-loss.item() * len(c))  # mean over the completion's tokens -> their sum
+        expected.append(candidates[max(range(len(candidates)), key=totals.__getitem__)])
+    assert len(set(expected)) > 1
+    for batch_size in (1, 7, 64):
+        assert most_likely_completions(model, tokenizer, prompts, candidates, batch_size) == expected
+    assert most_likely_completions(model, tokenizer, prompts, candidates[::-1], 7) == expected
+
+
 @needs_wordnet
 @pytest.mark.skipif(not DOCS.is_dir(), reason="Python documentation not installed (apt-get install python3-doc)")
 def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
@@ -182,6 +214,10 @@ def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
                    for p, r in zip(predictions, test_rows))
         assert rows["supersense", "adamix-lora", "random"]["test/accuracy"]["values"][stat] == \
             pytest.approx(100 * hits / len(test_rows))
+        ranked_hits = sum(p["ranked"] == r["completion"].strip() for p, r in zip(predictions, test_rows))
+        assert all(p["ranked"] in LEXICOGRAPHER_FILES for p in predictions)
+        assert rows["supersense", "adamix-lora", "random"]["test/ranked_accuracy"]["values"][stat] == \
+            pytest.approx(100 * ranked_hits / len(test_rows))
     assert "| adamix-lora | random |" in (work / "results.md").read_text()
 
 

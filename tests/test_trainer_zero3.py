@@ -172,12 +172,12 @@ def test_generate_from_merged_model_and_from_checkpoint(runs, workspace, tmp_pat
                               "--max_new_tokens", "12", "--output_file", str(out_file)])
     written = [json.loads(line) for line in out_file.read_text().splitlines()]
     args = GenerateArguments(model_path=str(runs["two_ranks"] / "merged" / "model"), max_new_tokens=12)
-    model, tokenizer = load_for_generation(ModelArguments(), args)
+    model, tokenizer, _ = load_for_generation(ModelArguments(), args)
     expected = complete(model, tokenizer, [tokenizer(prompt)["input_ids"]], decoding_config(args, tokenizer))
     assert written == [{"prompt": prompt, "completion": expected[0]}]
     checkpoint = GenerateArguments(model_path=str(runs["two_ranks"] / "checkpoints" / f"step-{STEPS}"),
                                    eval_mode="random", max_new_tokens=12)
-    model, tokenizer = load_for_generation(ModelArguments(model_name_or_path=str(workspace.base)), checkpoint)
+    model, tokenizer, _ = load_for_generation(ModelArguments(model_name_or_path=str(workspace.base)), checkpoint)
     assert len(complete(model, tokenizer, [tokenizer(prompt)["input_ids"]], decoding_config(checkpoint, tokenizer))) == 1
     proc = run_entry("generate.py", ["--model_path", str(runs["two_ranks"] / "checkpoints" / f"step-{STEPS}"),
                                      "--prompt", prompt], check=False)

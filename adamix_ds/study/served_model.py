@@ -24,7 +24,7 @@ MODES = ("model", "merged", "random")
 
 
 def served_model(run_dir: Path, base_dir: Path, mode: str):
-    """(model, tokenizer) of a run in a serving mode."""
+    """(model, tokenizer, mixtures or None) of a run in a serving mode."""
     merged = run_dir / "merged"
     if mode == "random":
         path, eval_mode = find_resume_checkpoint(run_dir, "auto"), "random"
@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
         if mode not in MODES:
             parser.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
         torch.manual_seed(0)
-        model, tokenizer = served_model(args.run_dir, args.base, mode)
+        model, tokenizer, mixtures = served_model(args.run_dir, args.base, mode)
         for item in args.split:
             name, _, path = item.partition("=")
             start = time.perf_counter()
             metrics, predictions = score_split(model, tokenizer, args.task, Path(path), args.max_new_tokens,
-                                               args.batch_size)
+                                               args.batch_size, router=getattr(mixtures, "router", None))
             scores[f"{mode}/{name}"] = {**metrics, "examples": len(predictions),
                                         "seconds": time.perf_counter() - start}
             (args.run_dir / f"predictions-{mode}-{name}.jsonl").write_text(
