@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
 from typing import Callable, NoReturn
 
 from .config import ConfigError
@@ -26,7 +27,8 @@ def run_main(main: Callable[[], object]) -> int:
 
 
 def exit_process(code: int) -> NoReturn:
-    """End an entry point's process with `code`: exit handlers run and output is flushed, teardown is skipped.
+    """End an entry point's process with `code`: non-daemon threads are joined, exit handlers run and output is
+    flushed; the interpreter teardown is skipped.
 
     A gloo worker thread frees a finished collective's tensors after the caller has moved on, and needs the GIL to
     drop their Python objects. The process groups outlive destroy_process_group (DeepSpeed keeps references), so
@@ -35,6 +37,9 @@ def exit_process(code: int) -> NoReturn:
     does not guard this (pytorch/pytorch#179291 was abandoned). MPI is finalized here because mpi4py's own exit
     hook belongs to the teardown.
     """
+    for thread in threading.enumerate():  # as a normal exit does first
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
     atexit._run_exitfuncs()
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():

@@ -33,7 +33,8 @@ DEFAULTS = {
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 SCHEDULER_OF_TYPE = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR", "constant_with_warmup": "WarmupLR"}
-"""--lr_scheduler_type (Hugging Face's names) -> the DeepSpeed schedule that draws the same curve."""
+"""--lr_scheduler_type (Hugging Face's names) -> the DeepSpeed schedule of that shape (DeepSpeed's own step
+conventions: its cosine starts decaying on the first step after the warm-up)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,8 @@ def resolve_ds_config(
             if steps_for is None:
                 raise ConfigError("scheduler.params.total_num_steps is \"auto\" but the number of steps is unknown")
             sparams["total_num_steps"] = steps_for(plan)
+        for name in [n for n, v in sparams.items() if v == AUTO]:
+            del sparams[name]  # e.g. cos_min_ratio: nothing here sets it, DeepSpeed's default applies
     return config, plan
 
 

@@ -79,9 +79,9 @@ def resolve_eval_modes(mixture: MixtureConfig, eval_modes: str | None) -> list[s
     return modes
 
 
-def check_model(model_args: ModelArguments, mixture: MixtureConfig) -> None:
-    """Build a weightless (meta-device) copy of the model, which checks --attn_implementation, and resolve the
-    mixture's targets on it: no download, no memory."""
+def check_model(model_args: ModelArguments, mixture: MixtureConfig, gradient_checkpointing: bool = False) -> None:
+    """Build a weightless (meta-device) copy of the model, which checks --attn_implementation and
+    --gradient_checkpointing, and resolve the mixture's targets on it: no download, no memory."""
     name = model_args.model_name_or_path
     if is_builtin(name):
         try:
@@ -99,5 +99,8 @@ def check_model(model_args: ModelArguments, mixture: MixtureConfig) -> None:
         if not model_args.attn_implementation:
             raise
         raise ConfigError(f"--attn_implementation={model_args.attn_implementation!r}: {error}") from None
+    if gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--gradient_checkpointing: {type(model).__name__} does not support activation "
+                          "checkpointing")
     if not mixture.is_full:
         resolve_targets(model, mixture)

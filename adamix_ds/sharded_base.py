@@ -87,6 +87,7 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.disable_input_require_grads()  # it adds this hook, which only the reentrant variant needs
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 

@@ -85,3 +85,17 @@ def test_attention_kernel_is_the_one_asked_for_and_computes_the_same():
         with torch.no_grad():
             logits[kernel] = model(ids).logits
     torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_without_activation_checkpointing_is_refused_before_loading(monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from adamix_ds.config import ConfigError
+    from adamix_ds.preflight import check_model
+
+    arguments = ModelArguments(model_name_or_path="tiny:llama")
+    check_model(arguments, MixtureConfig(), gradient_checkpointing=True)
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    check_model(arguments, MixtureConfig(), gradient_checkpointing=False)
+    with pytest.raises(ConfigError, match="--gradient_checkpointing: LlamaForCausalLM does not support"):
+        check_model(arguments, MixtureConfig(), gradient_checkpointing=True)

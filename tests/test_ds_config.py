@@ -96,8 +96,10 @@ def _lrs(config, steps):
 
 def test_lr_scheduler_type_picks_the_schedule_of_an_auto_config():
     args = dict(learning_rate=0.1, warmup_steps=2)
-    cosine, _ = resolve_ds_config(SHIPPED, TrainArguments(lr_scheduler_type="cosine", **args), world_size=1,
-                                  steps_for=lambda p: 6)
+    shipped_and_auto_ratio = json.loads(json.dumps(SHIPPED))
+    shipped_and_auto_ratio["scheduler"]["params"]["cos_min_ratio"] = "auto"  # nothing sets it: DeepSpeed's default
+    cosine, _ = resolve_ds_config(shipped_and_auto_ratio, TrainArguments(lr_scheduler_type="cosine", **args),
+                                  world_size=1, steps_for=lambda p: 6)
     assert cosine["scheduler"] == {"type": "WarmupCosineLR", "params": {
         "warmup_num_steps": 2, "total_num_steps": 6, "warmup_type": "linear"}}
     # By hand: linear warm-up 0 -> peak over 2 steps, then peak * (r + (1 - r) (1 + cos(pi k / 4)) / 2) for

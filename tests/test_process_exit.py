@@ -64,14 +64,15 @@ def test_a_job_that_ends_while_gloo_frees_a_collective_exits_cleanly(tmp_path):
     assert all("job done" in out and "terminate" not in out for out in outputs), outputs
 
 
-def test_exit_process_runs_exit_handlers_flushes_output_and_finalizes_mpi(tmp_path):
+def test_exit_process_joins_threads_runs_exit_handlers_flushes_output_and_finalizes_mpi(tmp_path):
     pytest.importorskip("mpi4py")
-    marker, finalized = tmp_path / "atexit-ran", tmp_path / "mpi-finalized"
+    marker, finalized, joined = tmp_path / "atexit-ran", tmp_path / "mpi-finalized", tmp_path / "thread-done"
     script = textwrap.dedent(f"""
-        import atexit, sys
+        import atexit, sys, threading, time
         from mpi4py import MPI
         from adamix_ds.cli import exit_process
 
+        threading.Thread(target=lambda: (time.sleep(0.5), open({str(joined)!r}, "w").close())).start()
         atexit.register(lambda: open({str(marker)!r}, "w").close())
         # MPI_Finalize deletes COMM_SELF's attributes first, so this callback runs exactly when MPI is finalized.
         key = MPI.Comm.Create_keyval(delete_fn=lambda *_: open({str(finalized)!r}, "w").close())
@@ -85,4 +86,4 @@ def test_exit_process_runs_exit_handlers_flushes_output_and_finalizes_mpi(tmp_pa
                           text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "buffered, no newline" and proc.stderr.endswith("also buffered")
-    assert marker.exists() and finalized.exists()
+    assert marker.exists() and finalized.exists() and joined.exists()

@@ -86,12 +86,11 @@ def most_likely_completions(model, tokenizer, prompts: list[str], candidates: li
             ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
         keyed = router.keyed_rows([i for i, _ in chunk]) if router is not None else contextlib.nullcontext()
         with keyed:
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-        log_probs = torch.log_softmax(logits, dim=-1)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for r, (i, j) in enumerate(chunk):
-            first, target = len(prompt_ids[i]), torch.tensor(completion_ids[j])
-            predicted_by = log_probs[r, first - 1:first - 1 + len(target)]
-            scores[i, j] = predicted_by.gather(-1, target[:, None]).sum()
+            first, target = len(prompt_ids[i]), torch.tensor(completion_ids[j], device=device)
+            predicted_by = torch.log_softmax(logits[r, first - 1:first - 1 + len(target)].float(), dim=-1)
+            scores[i, j] = predicted_by.gather(-1, target[:, None]).sum().item()
     return [candidates[k] for k in scores.argmax(dim=-1).tolist()]
 
 
