@@ -152,7 +152,11 @@ def resolve_ds_config(
 
     scheduler = _scheduler_section(config, args.lr_scheduler_type)
     if scheduler is not None:
-        sparams, accepted = scheduler["params"], _schedule_parameters(scheduler["type"])
+        sparams, accepted = scheduler.setdefault("params", {}), _schedule_parameters(scheduler["type"])
+        for name, value in sparams.items():
+            if name not in accepted and value != AUTO:
+                raise ConfigError(f"scheduler.params.{name}={value!r} does not apply to {scheduler['type']} (it "
+                                  f"takes {', '.join(sorted(accepted))})")
         if "warmup_max_lr" in accepted and sparams.get("warmup_max_lr", AUTO) == AUTO:
             sparams["warmup_max_lr"] = params["lr"]
         if "warmup_min_lr" in accepted and sparams.get("warmup_min_lr", AUTO) == AUTO:
@@ -163,14 +167,13 @@ def resolve_ds_config(
                 raise ConfigError("scheduler.params.total_num_steps is \"auto\" but the number of steps is unknown")
             sparams["total_num_steps"] = steps_for(plan)
         for name in [n for n, v in sparams.items() if v == AUTO]:
-            del sparams[name]  # e.g. cos_min_ratio: nothing here sets it, DeepSpeed's default applies
+            del sparams[name]  # another schedule's, or one nothing here sets (cos_min_ratio): DeepSpeed's default
     return config, plan
 
 
 def _scheduler_section(config: dict, lr_scheduler_type: str | None) -> dict | None:
     """The scheduler section with its type decided: the config's, or --lr_scheduler_type's where the config
-    says "auto" (linear when neither says), and only the parameters that schedule takes: an "auto" one that
-    belongs to another schedule is dropped, an explicit one is an error."""
+    says "auto" (linear when neither says)."""
     wanted = None
     if lr_scheduler_type is not None:
         if lr_scheduler_type not in SCHEDULER_OF_TYPE:
@@ -191,15 +194,6 @@ def _scheduler_section(config: dict, lr_scheduler_type: str | None) -> dict | No
     if kind not in SCHEDULERS:
         raise ConfigError(f"scheduler.type={kind!r}: supported are {', '.join(SCHEDULERS)}")
     scheduler["type"] = kind
-    sparams = scheduler.setdefault("params", {})
-    accepted = _schedule_parameters(kind)
-    for name, value in list(sparams.items()):
-        if name in accepted:
-            continue
-        if value != AUTO:
-            raise ConfigError(f"scheduler.params.{name}={value!r} does not apply to {kind} (it takes "
-                              f"{', '.join(sorted(accepted))})")
-        del sparams[name]
     return scheduler
 
 

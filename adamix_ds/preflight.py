@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .arguments import ModelArguments
 from .config import EVAL_MODES, ConfigError, MixtureConfig
+from .sharded_base import require_activation_checkpointing
 from .targets import resolve_targets
 from .tiny_models import builtin_config, is_builtin
 
@@ -99,8 +100,7 @@ def check_model(model_args: ModelArguments, mixture: MixtureConfig, gradient_che
         if not model_args.attn_implementation:
             raise
         raise ConfigError(f"--attn_implementation={model_args.attn_implementation!r}: {error}") from None
-    if gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"--gradient_checkpointing: {type(model).__name__} does not support activation "
-                          "checkpointing")
+    if gradient_checkpointing:
+        require_activation_checkpointing(model)
     if not mixture.is_full:
         resolve_targets(model, mixture)

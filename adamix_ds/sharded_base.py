@@ -78,12 +78,18 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
     return ShardedBase(model=model, stage=stage, device=device, _keepalive=keep)
 
 
-def enable_activation_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute every decoder layer in the backward. Non-reentrant: the mixtures' hooks run again inside the
-    recomputation with the forward's random state, so tensors they save need no special care."""
+def require_activation_checkpointing(model: PreTrainedModel) -> None:
+    """--gradient_checkpointing needs a model class that supports it (checked on the weightless copy in preflight,
+    and here for hub models, which preflight does not build)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"--gradient_checkpointing: {type(model).__name__} does not support activation "
                           "checkpointing")
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute every decoder layer in the backward. Non-reentrant: the mixtures' hooks run again inside the
+    recomputation with the forward's random state, so tensors they save need no special care."""
+    require_activation_checkpointing(model)
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -142,10 +142,11 @@ class Trainer:
                 rows = mine[b * batch_size:(b + 1) * batch_size]
                 # Under ZeRO-3 every rank must run the same number of forwards: a rank out of rows runs a
                 # batch that counts no token.
-                batch = self.batch(rows or [0], self.eval_data)
+                keys = rows or [0]
+                batch = self.batch(keys, self.eval_data)
                 if not rows:
                     batch["labels"].fill_(-100)
-                sums += torch.tensor(self.eval_sums(batch, rows or [0]), dtype=torch.float64)
+                sums += torch.tensor(self.eval_sums(batch, keys), dtype=torch.float64)
             sums = distributed.all_reduce_sum(sums).cpu()
             loss = sums[1].item() / max(sums[0].item(), 1.0)
             metrics[f"eval/{mode}/loss"] = loss

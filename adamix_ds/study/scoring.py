@@ -84,13 +84,23 @@ def most_likely_completions(model, tokenizer, prompts: list[str], candidates: li
         mask = torch.zeros(len(rows), width, dtype=torch.long)
         for r, row in enumerate(rows):
             ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
+        # Row r's completion token k sits at position len(prompt) + k and is predicted at the position before.
+        longest = max(len(completion_ids[j]) for _, j in chunk)
+        positions = torch.zeros(len(rows), longest, dtype=torch.long)
+        targets = torch.zeros(len(rows), longest, dtype=torch.long)
+        counted = torch.zeros(len(rows), longest, dtype=torch.bool)
+        for r, (i, j) in enumerate(chunk):
+            n = len(completion_ids[j])
+            positions[r, :n] = torch.arange(len(prompt_ids[i]) - 1, len(prompt_ids[i]) - 1 + n)
+            targets[r, :n], counted[r, :n] = torch.tensor(completion_ids[j]), True
         keyed = router.keyed_rows([i for i, _ in chunk]) if router is not None else contextlib.nullcontext()
         with keyed:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        predicting = logits[torch.arange(len(rows), device=device)[:, None], positions.to(device)]
+        token_log_probs = torch.log_softmax(predicting.float(), dim=-1).gather(-1, targets.to(device)[..., None])
+        sums = token_log_probs[..., 0].masked_fill(~counted.to(device), 0.0).sum(dim=-1).double().cpu()
         for r, (i, j) in enumerate(chunk):
-            first, target = len(prompt_ids[i]), torch.tensor(completion_ids[j], device=device)
-            predicted_by = torch.log_softmax(logits[r, first - 1:first - 1 + len(target)].float(), dim=-1)
-            scores[i, j] = predicted_by.gather(-1, target[:, None]).sum().item()
+            scores[i, j] = sums[r]
     return [candidates[k] for k in scores.argmax(dim=-1).tolist()]
 
 
