@@ -2,21 +2,26 @@
 
 __version__ = "0.1.0"
 
-from .accounting import ParameterCount, count_parameters
 from .config import ConfigError, MixtureConfig
-from .consistency import LossSums, causal_lm_losses, token_losses
-from .merging import average_experts, fold_into_base, merge_experts, unfold_from_base
-from .mixture_adapter import MixtureAdapter
-from .mixture_checkpoint import CheckpointMismatch, load_mixtures, save_mixtures
-from .mixture_lora import MixtureLoRA
-from .mixture_families import inject_mixtures
-from .mixture_set import MixtureSet
-from .moa_set import MoASet
-from .moe_lora_set import MoELoRASet
-from .peft_export import export_peft_adapter
-from .routing import RoutePlan, Router
-from .targets import resolve_targets
-from .token_router import TokenRouter
+from .export.mixture_checkpoint import CheckpointMismatch, load_mixtures, save_mixtures
+from .export.peft_adapter import export_peft_adapter
+from .methods.accounting import ParameterCount, count_parameters
+from .methods.adamix.merging import (
+    average_experts,
+    fold_into_base,
+    merge_experts,
+    unfold_from_base,
+)
+from .methods.adamix.mixture_adapter import MixtureAdapter
+from .methods.adamix.mixture_lora import MixtureLoRA
+from .methods.adamix.mixture_set import MixtureSet
+from .methods.adamix.stochastic_routing import RoutePlan, Router
+from .methods.registry import inject_mixtures
+from .methods.routed.moa_set import MoASet
+from .methods.routed.moe_lora_set import MoELoRASet
+from .methods.routed.token_router import TokenRouter
+from .methods.targets import resolve_targets
+from .training.losses import LossSums, causal_lm_losses, token_losses
 
 __all__ = [
     "CheckpointMismatch", "ConfigError", "LossSums", "MixtureAdapter", "MixtureConfig", "MixtureLoRA",

@@ -10,7 +10,7 @@ import threading
 from typing import Callable, NoReturn
 
 from .config import ConfigError
-from .termination import EXIT_CODE, TrainingInterrupted
+from .training.termination import EXIT_CODE, TrainingInterrupted
 
 
 def run_main(main: Callable[[], object]) -> int:

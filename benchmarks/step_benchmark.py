@@ -34,14 +34,14 @@ from torch.nn import functional as F
 
 from adamix_ds import MixtureConfig, causal_lm_losses, distributed
 from adamix_ds.arguments import ModelArguments, TrainArguments
+from adamix_ds.builtin_models import builtin_config
 from adamix_ds.cli import exit_process
-from adamix_ds.ds_config import load_ds_config, resolve_ds_config
-from adamix_ds.merged_export import folded_deltas, write_merged_model
-from adamix_ds.merging import merge_experts
-from adamix_ds.mixture_families import mixture_class
-from adamix_ds.monitoring import peak_memory_gb, reset_peak_memory
-from adamix_ds.sharded_base import load_base
-from adamix_ds.tiny_models import builtin_config
+from adamix_ds.distributed.ds_config import load_ds_config, resolve_ds_config
+from adamix_ds.distributed.sharded_base import load_base
+from adamix_ds.export.merged_model import folded_deltas, write_merged_model
+from adamix_ds.methods.adamix.merging import merge_experts
+from adamix_ds.methods.registry import mixture_class
+from adamix_ds.training.monitoring import peak_memory_gb, reset_peak_memory
 
 ROWS = {
     "a": "PEFT LoRA in a DeepSpeed ZeRO-3 engine",
@@ -209,7 +209,7 @@ def peak_tflops(args) -> float | None:
 def model_flops_per_token(model, seq: int) -> float:
     """Forward plus the backward to the inputs of a frozen base: 4 N matmul FLOPs per token (no weight
     gradients), plus attention scores and values, 4 x layers x seq x width forward and twice that back."""
-    from adamix_ds.sharded import full_numel
+    from adamix_ds.distributed.sharded import full_numel
 
     config = model.config
     n = sum(full_numel(p) for name, p in model.named_parameters() if "embed_tokens" not in name)

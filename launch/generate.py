@@ -5,7 +5,7 @@ python launch/generate.py --model_path OUTPUT_DIR/checkpoints/step-N --model_nam
 """
 
 from adamix_ds.cli import exit_process, run_main
-from adamix_ds.generation import generate_main, parse_generate_arguments
+from adamix_ds.export.generation import generate_main, parse_generate_arguments
 
 if __name__ == "__main__":
     exit_process(run_main(lambda: generate_main(*parse_generate_arguments())))

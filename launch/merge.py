@@ -4,7 +4,7 @@ deepspeed launch/merge.py --checkpoint OUT/checkpoints/step-N --model_name_or_pa
 """
 
 from adamix_ds.cli import exit_process, run_main
-from adamix_ds.merge_job import merge_checkpoint, parse_merge_arguments
+from adamix_ds.export.merge_job import merge_checkpoint, parse_merge_arguments
 
 if __name__ == "__main__":
     exit_process(run_main(lambda: merge_checkpoint(*parse_merge_arguments())))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from adamix_ds.tiny_models import tiny_model
+from adamix_ds.builtin_models import tiny_model
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 

@@ -8,15 +8,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import batch, make_model, randomize
 
 from adamix_ds import MixtureConfig
 from adamix_ds.arguments import ModelArguments
-from adamix_ds.mixture_families import inject_mixtures
-from adamix_ds.mixture_trainer import MixtureTrainer
-from adamix_ds.routed_trainer import RoutedTrainer
-from adamix_ds.sharded_base import _from_source, enable_activation_checkpointing
-
-from conftest import batch, make_model, randomize
+from adamix_ds.distributed.sharded_base import (
+    _from_source,
+    enable_activation_checkpointing,
+)
+from adamix_ds.methods.registry import inject_mixtures
+from adamix_ds.training.mixture_trainer import MixtureTrainer
+from adamix_ds.training.routed_trainer import RoutedTrainer
 
 CASES = {
     "adamix-lora+consistency+dropout": ("llama", dict(method="adamix-lora", num_experts=4, share="none",
@@ -91,7 +93,7 @@ def test_a_model_without_activation_checkpointing_is_refused_before_loading(monk
     from transformers import LlamaForCausalLM
 
     from adamix_ds.config import ConfigError
-    from adamix_ds.preflight import check_model
+    from adamix_ds.training.preflight import check_model
 
     arguments = ModelArguments(model_name_or_path="tiny:llama")
     check_model(arguments, MixtureConfig(), gradient_checkpointing=True)

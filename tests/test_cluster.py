@@ -6,9 +6,8 @@ import shutil
 import subprocess
 
 import pytest
-from safetensors.torch import load_file
-
 from launching import REPO, cpu_env, free_port, run_record, train_losses
+from safetensors.torch import load_file
 from slurm_cluster import missing_binaries, single_node_cluster
 
 TRAIN = ["--model_name_or_path", "tiny:llama", "--max_steps", "4", "--max_seq_length", "64",

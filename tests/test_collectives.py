@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from launching import free_port
 
 from adamix_ds import distributed
-
-from launching import free_port
 
 
 def _worker(rank, port, queue):
@@ -74,7 +73,7 @@ def test_bucketed_all_reduce_seed_broadcast_and_replica_check():
 
 
 def test_route_divergence_names_the_step(monkeypatch):
-    from adamix_ds.mixture_trainer import MixtureTrainer
+    from adamix_ds.training.mixture_trainer import MixtureTrainer
 
     trainer = MixtureTrainer.__new__(MixtureTrainer)
     trainer.step = 17

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import FAMILIES, batch, make_model, randomize
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from adamix_ds import MixtureConfig, MixtureSet, causal_lm_losses
-
-from conftest import FAMILIES, batch, make_model, randomize
 
 
 def _labels(ids):

@@ -12,10 +12,11 @@ from launching import REPO, cpu_env
 SCRIPT = """
 import json, sys
 import torch
-from adamix_ds import MixtureConfig, causal_lm_losses, distributed, inject_mixtures
+from adamix_ds import MixtureConfig, causal_lm_losses, inject_mixtures
+from adamix_ds import distributed
 from adamix_ds.arguments import ModelArguments, TrainArguments
-from adamix_ds.ds_config import load_ds_config, resolve_ds_config
-from adamix_ds.sharded_base import load_base
+from adamix_ds.distributed.ds_config import load_ds_config, resolve_ds_config
+from adamix_ds.distributed.sharded_base import load_base
 
 distributed.init_process_group()
 ds_config, _ = resolve_ds_config(load_ds_config("ds_configs/zero3.json"), TrainArguments(), 1, steps_for=lambda p: 1)

@@ -5,16 +5,15 @@ import json
 
 import datasets
 import pytest
+from launching import run_entry
 
 from adamix_ds import distributed
 from adamix_ds.arguments import DataArguments, ModelArguments
-from adamix_ds.batching import StepSampler, collate
 from adamix_ds.config import ConfigError
-from adamix_ds.ds_config import BatchPlan
-from adamix_ds.tokenization import tokenize
-from adamix_ds.tokenizer_loading import load_tokenizer
-
-from launching import run_entry
+from adamix_ds.data.batching import StepSampler, collate
+from adamix_ds.data.tokenization import tokenize
+from adamix_ds.data.tokenizer import load_tokenizer
+from adamix_ds.distributed.ds_config import BatchPlan
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -136,7 +135,7 @@ def test_other_ranks_reuse_the_first_ranks_tokens(tmp_path, cache, tokenizer, mo
     monkeypatch.setattr(distributed, "local_rank", lambda: 0)
     first = tokenize(path, args, tokenizer)
     monkeypatch.setattr(distributed, "local_rank", lambda: 1)
-    monkeypatch.setattr("adamix_ds.tokenization.read_dataset", lambda *a: pytest.fail("rank 1 read the data"))
+    monkeypatch.setattr("adamix_ds.data.tokenization.read_dataset", lambda *a: pytest.fail("rank 1 read the data"))
     assert tokenize(path, args, tokenizer)["input_ids"] == first["input_ids"]
     assert len(list(cache.glob("tokenized/*"))) == 1
 

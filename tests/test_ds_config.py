@@ -9,8 +9,8 @@ import torch
 
 from adamix_ds.arguments import TrainArguments, parse_arguments
 from adamix_ds.config import ConfigError
-from adamix_ds.ds_config import load_ds_config, resolve_ds_config
-from adamix_ds.optimization import build_optimizer, build_scheduler
+from adamix_ds.distributed.ds_config import load_ds_config, resolve_ds_config
+from adamix_ds.training.optimization import build_optimizer, build_scheduler
 
 SHIPPED = load_ds_config("ds_configs/zero3.json")
 

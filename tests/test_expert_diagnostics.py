@@ -3,11 +3,15 @@
 import collections
 
 import torch
+from conftest import batch, make_model
 
 from adamix_ds import MixtureConfig, MixtureSet
-from adamix_ds.expert_diagnostics import expert_divergence, layer_of, pairwise_cosine_distance, selection_counts
-
-from conftest import batch, make_model
+from adamix_ds.methods.adamix.expert_diagnostics import (
+    expert_divergence,
+    layer_of,
+    pairwise_cosine_distance,
+    selection_counts,
+)
 
 
 def test_pairwise_cosine_distance_by_hand():

@@ -4,9 +4,8 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from launching import run_entry, run_record, train_losses
+from transformers import AutoModelForCausalLM
 
 STEPS = 4
 

@@ -4,10 +4,16 @@ import copy
 
 import pytest
 import torch
-
-from adamix_ds import MixtureConfig, MixtureSet, count_parameters, fold_into_base, merge_experts, unfold_from_base
-
 from conftest import FAMILIES, batch, make_model, randomize
+
+from adamix_ds import (
+    MixtureConfig,
+    MixtureSet,
+    count_parameters,
+    fold_into_base,
+    merge_experts,
+    unfold_from_base,
+)
 
 
 def _plain_with_averages(model, mixtures):

@@ -4,13 +4,12 @@ import copy
 
 import pytest
 import torch
+from conftest import FAMILIES, batch, make_model, randomize
 from torch.nn import functional as F
 
 from adamix_ds import MixtureConfig, MixtureSet
-from adamix_ds.mixture_adapter import MixtureAdapter
-from adamix_ds.mixture_lora import MixtureLoRA
-
-from conftest import FAMILIES, batch, make_model, randomize
+from adamix_ds.methods.adamix.mixture_adapter import MixtureAdapter
+from adamix_ds.methods.adamix.mixture_lora import MixtureLoRA
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,17 +6,16 @@ import math
 
 import pytest
 import torch
+from conftest import batch, make_model, randomize
 from torch.nn import functional as F
 
 from adamix_ds import load_mixtures, save_mixtures
 from adamix_ds.config import ConfigError, MixtureConfig
-from adamix_ds.mixture_checkpoint import CheckpointMismatch
-from adamix_ds.mixture_families import inject_mixtures
-from adamix_ds.moa_experts import LoRAExpert, gated_update
-from adamix_ds.routed_lora import RoutedLoRA
-from adamix_ds.token_router import TokenRouter, load_balancing_loss
-
-from conftest import batch, make_model, randomize
+from adamix_ds.export.mixture_checkpoint import CheckpointMismatch
+from adamix_ds.methods.registry import inject_mixtures
+from adamix_ds.methods.routed.moa_experts import LoRAExpert, gated_update
+from adamix_ds.methods.routed.routed_lora import RoutedLoRA
+from adamix_ds.methods.routed.token_router import TokenRouter, load_balancing_loss
 
 
 def _rms(x, weight, eps):

@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 import torch
+from launching import run_entry, run_record, train_losses
 from safetensors.torch import load_file
 
-from adamix_ds.generation import GenerateArguments, load_for_generation
 from adamix_ds.arguments import ModelArguments
-
-from launching import run_entry, run_record, train_losses
+from adamix_ds.export.generation import GenerateArguments, load_for_generation
 
 ROUTED_METHODS = ["moa-soft", "moa-sparse", "molora", "hydralora", "topk-lora"]
 

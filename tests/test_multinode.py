@@ -13,14 +13,13 @@ import time
 
 import pytest
 import torch
+from launching import REPO, cpu_env, free_port, run_entry, train_losses
+from network_hosts import TwoHosts, kill_all_in, processes_in
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adamix_ds import fold_into_base, load_mixtures, merge_experts
-
-from launching import REPO, cpu_env, free_port, run_entry, train_losses
-from network_hosts import TwoHosts, kill_all_in, processes_in
 
 STEPS = 4
 

@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-
 from launching import REPO, free_port
 
 # Rank 1 drops an all-reduce that rank 0 joins half a second later and keeps the GIL (a busy loop under a long

@@ -3,7 +3,7 @@
 import io
 import logging
 
-from adamix_ds import monitoring
+from adamix_ds.training import monitoring
 
 
 class Terminal(io.StringIO):

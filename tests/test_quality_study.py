@@ -132,7 +132,7 @@ def test_batched_greedy_completions_equal_one_prompt_at_a_time(workspace):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from adamix_ds.arguments import ModelArguments
-    from adamix_ds.tokenizer_loading import load_tokenizer
+    from adamix_ds.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(workspace.base)))
     model = AutoModelForCausalLM.from_pretrained(workspace.base).eval()
@@ -151,7 +151,7 @@ def test_most_likely_completion_by_the_models_own_loss(workspace):
     from transformers import AutoModelForCausalLM
 
     from adamix_ds.arguments import ModelArguments
-    from adamix_ds.tokenizer_loading import load_tokenizer
+    from adamix_ds.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(workspace.base)))
     model = AutoModelForCausalLM.from_pretrained(workspace.base).eval()

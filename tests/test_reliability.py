@@ -5,16 +5,15 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
 from launching import REPO, cpu_env, run_record
+from safetensors.torch import load_file
 
 # Runs the real trainer in one process, with the loss made NaN from step FIRST_BAD on for COUNT steps.
 NAN_RUN = """
 import sys
-import adamix_ds.mixture_trainer as mt
+import adamix_ds.training.mixture_trainer as mt
 from adamix_ds.arguments import parse_arguments
-from adamix_ds.trainer import train
+from adamix_ds.training.recipe import train
 
 first_bad, count = int(sys.argv[1]), int(sys.argv[2])
 original = mt.causal_lm_losses

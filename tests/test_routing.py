@@ -4,12 +4,18 @@ import collections
 
 import pytest
 import torch
+from conftest import batch, make_model
 
 from adamix_ds import ConfigError, MixtureConfig, MixtureSet, RoutePlan
-from adamix_ds.preflight import resolve_eval_modes
-from adamix_ds.routing import DOWN, UP, Router, Slot, draw_expert, train_expert
-
-from conftest import batch, make_model
+from adamix_ds.methods.adamix.stochastic_routing import (
+    DOWN,
+    UP,
+    Router,
+    Slot,
+    draw_expert,
+    train_expert,
+)
+from adamix_ds.training.preflight import resolve_eval_modes
 
 
 def test_same_seed_same_routes_other_seed_different():

@@ -1,10 +1,15 @@
 """Target selection per family, presets and patterns; parameter accounting against hand counts."""
 
 import pytest
-
-from adamix_ds import ConfigError, MixtureConfig, MixtureSet, count_parameters, resolve_targets
-
 from conftest import make_model
+
+from adamix_ds import (
+    ConfigError,
+    MixtureConfig,
+    MixtureSet,
+    count_parameters,
+    resolve_targets,
+)
 
 
 @pytest.mark.parametrize(

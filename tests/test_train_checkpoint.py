@@ -2,15 +2,19 @@
 
 import pytest
 import torch
+from conftest import batch, make_model, randomize
 
 from adamix_ds import MixtureConfig, MixtureSet, causal_lm_losses
 from adamix_ds.config import ConfigError
-from adamix_ds.train_checkpoint import (
-    COMPLETE_MARKER, TrainerState, complete_checkpoints, find_resume_checkpoint, load_checkpoint, prune_checkpoints,
+from adamix_ds.training.checkpoints import (
+    COMPLETE_MARKER,
+    TrainerState,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
 )
-
-from conftest import batch, make_model, randomize
 
 
 def _fake_checkpoint(root, step, complete=True):
@@ -74,7 +78,7 @@ def test_every_file_reaches_the_disk_before_the_complete_marker(tmp_path, monkey
     """fsync order of a save: each data file, then the marker, then its directory, then (renamed) the parent."""
     import os
 
-    from adamix_ds import train_checkpoint
+    from adamix_ds.training import checkpoints as train_checkpoint
 
     synced = []
     real_fsync = os.fsync

@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launching import REPO, run_entry, run_record, train_losses
+from safetensors.torch import load_file
 from workspace import build_workspace
 
 

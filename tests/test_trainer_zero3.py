@@ -7,13 +7,12 @@ import shutil
 
 import pytest
 import torch
+from launching import run_entry, run_record, train_losses
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adamix_ds import load_mixtures
-from adamix_ds.train_checkpoint import COMPLETE_MARKER
-
-from launching import run_entry, run_record, train_losses
+from adamix_ds.training.checkpoints import COMPLETE_MARKER
 
 STEPS = 5
 
@@ -164,7 +163,12 @@ def test_merge_job_on_a_checkpoint_writes_the_same_model(runs, workspace, tmp_pa
 
 def test_generate_from_merged_model_and_from_checkpoint(runs, workspace, tmp_path):
     from adamix_ds.arguments import ModelArguments
-    from adamix_ds.generation import GenerateArguments, complete, decoding_config, load_for_generation
+    from adamix_ds.export.generation import (
+        GenerateArguments,
+        complete,
+        decoding_config,
+        load_for_generation,
+    )
 
     prompt = "name[Zizzi] food[Italian] area[riverside] rating[high] =>"
     out_file = tmp_path / "gen.jsonl"

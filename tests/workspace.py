@@ -25,9 +25,9 @@ class Workspace:
 def build_workspace(root: Path, family: str = "llama", examples: int = 240) -> Workspace:
     import sentencepiece as spm
 
-    from adamix_ds.tokenizer_loading import load_tokenizer
     from adamix_ds.arguments import ModelArguments
-    from adamix_ds.tiny_models import tiny_model
+    from adamix_ds.builtin_models import tiny_model
+    from adamix_ds.data.tokenizer import load_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)

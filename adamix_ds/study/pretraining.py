@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..tokenizer_loading import SENTENCEPIECE_CONFIG
+from ..data.tokenizer import SENTENCEPIECE_CONFIG
 
 
 def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int) -> Path:

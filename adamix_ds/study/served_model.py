@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..arguments import ModelArguments
-from ..generation import GenerateArguments, load_for_generation
-from ..train_checkpoint import find_resume_checkpoint
+from ..export.generation import GenerateArguments, load_for_generation
+from ..training.checkpoints import find_resume_checkpoint
 from .scoring import score_split
 
 MODES = ("model", "merged", "random")

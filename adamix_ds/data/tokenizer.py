@@ -1,0 +1,44 @@
+"""Where the tokenizer comes from: a model or tokenizer directory, or a sentencepiece .model file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..arguments import ModelArguments
+from ..builtin_models import is_builtin
+from ..config import ConfigError
+from . import default_task
+
+SENTENCEPIECE_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    "pad_token": "<pad>", "add_bos_token": True,
+}
+"""How a bare sentencepiece model is presented to transformers (ids 0-3: pad, bos, eos, unk)."""
+
+
+def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    """The model directory's tokenizer, another tokenizer directory, or a sentencepiece .model file.
+
+    A built-in model (tiny:*, small:*) without --tokenizer_name_or_path gets the embedded default task's
+    sentencepiece model, trained on its shipped text once and cached.
+    """
+    source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if is_builtin(source):
+        source = default_task.tokenizer_model()
+    if source.endswith(".model"):
+        if not Path(source).is_file():
+            raise ConfigError(f"--tokenizer_name_or_path {source}: file not found")
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(source, Path(tmp) / "tokenizer.model")
+            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG))
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

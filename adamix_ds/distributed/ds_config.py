@@ -1,0 +1,207 @@
+"""Resolve a DeepSpeed JSON config for this trainer, the way the Hugging Face Trainer fills "auto" values.
+
+DeepSpeed itself leaves "auto" to the Hugging Face Trainer; with a trainer of our own, every "auto"
+is replaced here from the command-line arguments (or a default), and a value set explicitly in both
+places that disagrees is refused with both values named.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..arguments import TrainArguments
+from ..config import ConfigError
+
+AUTO = "auto"
+DEFAULTS = {
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 2e-4,
+    "weight_decay": 0.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "warmup_steps": 0,
+}
+OPTIMIZERS = ("AdamW", "Adam", "SGD")
+SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+SCHEDULER_OF_TYPE = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR", "constant_with_warmup": "WarmupLR"}
+"""--lr_scheduler_type (Hugging Face's names) -> the DeepSpeed schedule of that shape (DeepSpeed's own step
+conventions: its cosine starts decaying on the first step after the warm-up)."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch arithmetic of one optimizer step."""
+
+    micro_batch: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+    def describe(self, seq_len: int) -> str:
+        return (
+            f"batch: {self.micro_batch} per micro-batch x {self.accumulation} accumulation x {self.world_size} "
+            f"ranks = {self.global_batch} sequences per step (up to {self.global_batch * seq_len:,} tokens)"
+        )
+
+
+def load_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--deepspeed {path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--deepspeed {path}: not valid JSON ({error})") from error
+
+
+def _merge(config: dict, key: str, arg_name: str, arg_value, default=None, where: str = ""):
+    """The value for config[key]: from the config, the argument, or the default; conflicts are errors."""
+    value = config.get(key, AUTO)
+    if value == AUTO:
+        resolved = arg_value if arg_value is not None else (default if default is not None else DEFAULTS[arg_name])
+    elif arg_value is not None and arg_value != value:
+        raise ConfigError(
+            f"--{arg_name}={arg_value} contradicts the DeepSpeed config's {where}{key}={value}; "
+            f"set one of them, or make the config value \"auto\""
+        )
+    else:
+        resolved = value
+    config[key] = resolved
+    return resolved
+
+
+def bf16_supported() -> bool:
+    """bf16 "auto" turns on only where it is fast: a CUDA device with bf16 support."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def bf16_possible() -> bool:
+    """An explicit "enabled": true also runs on the CPU (slowly), e.g. to check the bf16 path without a GPU."""
+    return bf16_supported() or not torch.cuda.is_available()
+
+
+def resolve_ds_config(
+    raw: dict, args: TrainArguments, world_size: int, steps_for: Callable[[BatchPlan], int] | None = None
+) -> tuple[dict, BatchPlan]:
+    """A copy of `raw` with every "auto" resolved, checked against `args`, and the step's batch plan.
+
+    `steps_for` gives the run's optimizer steps for a batch plan (for schedulers' total_num_steps).
+    """
+    config = copy.deepcopy(raw)
+    micro = _merge(config, "train_micro_batch_size_per_gpu", "per_device_train_batch_size",
+                   args.per_device_train_batch_size)
+    accumulation = _merge(config, "gradient_accumulation_steps", "gradient_accumulation_steps",
+                          args.gradient_accumulation_steps)
+    for name, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accumulation)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"DeepSpeed config {name}={value!r}: must be an integer >= 1")
+    plan = BatchPlan(micro, accumulation, world_size)
+    train_batch = config.get("train_batch_size", AUTO)
+    if train_batch == AUTO:
+        config["train_batch_size"] = plan.global_batch
+    elif train_batch != plan.global_batch:
+        raise ConfigError(
+            f"DeepSpeed config train_batch_size={train_batch} but micro-batch {micro} x accumulation "
+            f"{accumulation} x {world_size} ranks = {plan.global_batch}"
+        )
+    _merge(config, "gradient_clipping", "max_grad_norm", args.max_grad_norm)
+
+    for precision in ("bf16", "fp16"):
+        section = config.setdefault(precision, {"enabled": False})
+        if section.get("enabled") == AUTO:
+            section["enabled"] = precision == "bf16" and bf16_supported()
+    if config["fp16"]["enabled"]:
+        raise ConfigError("fp16 is not supported (mixtures train in fp32 beside the base); use bf16 or fp32")
+    if config["bf16"]["enabled"] and not bf16_possible():
+        raise ConfigError("the DeepSpeed config enables bf16 but this device does not support it; set it to \"auto\"")
+
+    zero = config.setdefault("zero_optimization", {"stage": 3})
+    if zero.get("stage") not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage={zero.get('stage')!r}: must be 0, 1, 2 or 3")
+    for key, value in list(zero.items()):
+        if value == AUTO:
+            zero.pop(key)  # DeepSpeed's own default applies
+
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if optimizer.get("type") not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.type={optimizer.get('type')!r}: supported are {', '.join(OPTIMIZERS)}")
+    params = optimizer.setdefault("params", {})
+    _merge(params, "lr", "learning_rate", args.learning_rate, where="optimizer.params.")
+    _merge(params, "weight_decay", "weight_decay", args.weight_decay, where="optimizer.params.")
+    if optimizer["type"] != "SGD":
+        betas = params.get("betas", AUTO)
+        if betas == AUTO:
+            betas = [AUTO, AUTO]
+        resolved = {"0": betas[0], "1": betas[1]}
+        _merge(resolved, "0", "adam_beta1", args.adam_beta1, where="optimizer.params.betas[0] ")
+        _merge(resolved, "1", "adam_beta2", args.adam_beta2, where="optimizer.params.betas[1] ")
+        params["betas"] = [resolved["0"], resolved["1"]]
+        _merge(params, "eps", "adam_epsilon", args.adam_epsilon, where="optimizer.params.")
+
+    scheduler = _scheduler_section(config, args.lr_scheduler_type)
+    if scheduler is not None:
+        sparams, accepted = scheduler.setdefault("params", {}), _schedule_parameters(scheduler["type"])
+        for name, value in sparams.items():
+            if name not in accepted and value != AUTO:
+                raise ConfigError(f"scheduler.params.{name}={value!r} does not apply to {scheduler['type']} (it "
+                                  f"takes {', '.join(sorted(accepted))})")
+        if "warmup_max_lr" in accepted and sparams.get("warmup_max_lr", AUTO) == AUTO:
+            sparams["warmup_max_lr"] = params["lr"]
+        if "warmup_min_lr" in accepted and sparams.get("warmup_min_lr", AUTO) == AUTO:
+            sparams["warmup_min_lr"] = 0.0
+        _merge(sparams, "warmup_num_steps", "warmup_steps", args.warmup_steps, where="scheduler.params.")
+        if "total_num_steps" in accepted and sparams.get("total_num_steps", AUTO) == AUTO:
+            if steps_for is None:
+                raise ConfigError("scheduler.params.total_num_steps is \"auto\" but the number of steps is unknown")
+            sparams["total_num_steps"] = steps_for(plan)
+        for name in [n for n, v in sparams.items() if v == AUTO]:
+            del sparams[name]  # another schedule's, or one nothing here sets (cos_min_ratio): DeepSpeed's default
+    return config, plan
+
+
+def _scheduler_section(config: dict, lr_scheduler_type: str | None) -> dict | None:
+    """The scheduler section with its type decided: the config's, or --lr_scheduler_type's where the config
+    says "auto" (linear when neither says)."""
+    wanted = None
+    if lr_scheduler_type is not None:
+        if lr_scheduler_type not in SCHEDULER_OF_TYPE:
+            raise ConfigError(f"--lr_scheduler_type={lr_scheduler_type!r} is not allowed: one of "
+                              f"{', '.join(SCHEDULER_OF_TYPE)}")
+        wanted = SCHEDULER_OF_TYPE[lr_scheduler_type]
+    scheduler = config.get("scheduler")
+    if scheduler is None:
+        if wanted is None:
+            return None
+        scheduler = config["scheduler"] = {"type": wanted}
+    kind = scheduler.get("type", AUTO)
+    if kind == AUTO:
+        kind = wanted or SCHEDULER_OF_TYPE["linear"]
+    elif wanted is not None and kind != wanted:
+        raise ConfigError(f"--lr_scheduler_type={lr_scheduler_type} asks for DeepSpeed's {wanted} but the config's "
+                          f"scheduler.type is {kind!r}; make it \"auto\" or leave out one of the two")
+    if kind not in SCHEDULERS:
+        raise ConfigError(f"scheduler.type={kind!r}: supported are {', '.join(SCHEDULERS)}")
+    scheduler["type"] = kind
+    return scheduler
+
+
+def _schedule_parameters(kind: str) -> set[str]:
+    """The keyword parameters of DeepSpeed's schedule class `kind`."""
+    import inspect
+
+    from deepspeed.runtime import lr_schedules
+
+    names = set(inspect.signature(getattr(lr_schedules, kind)).parameters)
+    return names - {"self", "optimizer", "last_batch_iteration"}

@@ -1,0 +1,148 @@
+"""The frozen base model under ZeRO-3: created or loaded already partitioned, gathered layer by layer.
+
+Design (see README, "How the ZeRO-3 arrangement works"): a ZeRO-3 engine partitions every parameter
+in its module, trainable or not, with the optimizer state. The mixtures must stay whole and
+replicated, so they are kept out of the ZeRO-managed tree: the base alone is created under
+zero.Init (through transformers' HfDeepSpeedConfig) and DeepSpeed's ZeRO-3 parameter coordinator
+(DeepSpeedZeRoOffload) is attached to it to gather each layer's weights just before it runs, in
+forward and in backward. The mixtures hook onto the base's modules from outside.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .. import distributed
+from ..arguments import ModelArguments
+from ..builtin_models import builtin_config, is_builtin
+from ..config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardedBase:
+    """The base model and what keeps it partitioned; hold it for the model's lifetime."""
+
+    model: PreTrainedModel
+    stage: int
+    device: torch.device
+    _keepalive: list = field(default_factory=list, repr=False)
+
+    @property
+    def partitioned(self) -> bool:
+        return self.stage == 3
+
+
+def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int) -> PreTrainedModel:
+    name = model_args.model_name_or_path
+    if is_builtin(name):
+        try:
+            config = builtin_config(name, vocab_size)
+        except ValueError as error:
+            raise ConfigError(f"--model_name_or_path: {error}") from error
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **model_args.loading_options())
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **model_args.loading_options())
+
+
+def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed: int,
+              trainable: bool = False) -> ShardedBase:
+    """Build or load the base partitioned under ZeRO-3 (ceil(numel / W) elements per rank).
+
+    Frozen (the mixture methods), it gets the parameter coordinator here; trainable (--method full), a
+    DeepSpeed engine takes it over instead.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    stage = ds_config["zero_optimization"]["stage"]
+    device = torch.device(get_accelerator().device_name(distributed.local_rank()))
+    keep = []
+    torch.manual_seed(seed)
+    if stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep.append(HfDeepSpeedConfig(ds_config))  # transformers keeps only a weak reference
+    model = _from_source(model_args, dtype, vocab_size)
+    if not trainable:
+        model.requires_grad_(False)
+        if stage == 3:
+            coordinator = _attach_coordinator(model, ds_config)
+            keep += [coordinator, _reset_per_decoder_forward(model, coordinator)]
+        else:
+            model.to(device)
+    return ShardedBase(model=model, stage=stage, device=device, _keepalive=keep)
+
+
+def require_activation_checkpointing(model: PreTrainedModel) -> None:
+    """--gradient_checkpointing needs a model class that supports it (checked on the weightless copy in preflight,
+    and here for hub models, which preflight does not build)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--gradient_checkpointing: {type(model).__name__} does not support activation "
+                          "checkpointing")
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute every decoder layer in the backward. Non-reentrant: the mixtures' hooks run again inside the
+    recomputation with the forward's random state, so tensors they save need no special care."""
+    require_activation_checkpointing(model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.disable_input_require_grads()  # it adds this hook, which only the reentrant variant needs
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _attach_coordinator(model: torch.nn.Module, ds_config: dict):
+    """DeepSpeed's ZeRO-3 parameter coordinator on the base alone, configured from zero_optimization."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.utils.timer import NoopTimer
+
+    config = DeepSpeedConfig(ds_config)
+    zero = config.zero_config
+    return DeepSpeedZeRoOffload(
+        model,
+        timers=NoopTimer(),
+        ds_config=config,
+        overlap_comm=zero.overlap_comm,
+        prefetch_bucket_size=zero.prefetch_bucket_size,
+        max_reuse_distance=zero.max_reuse_distance,
+        max_live_parameters=zero.max_live_parameters,
+        param_persistence_threshold=zero.param_persistence_threshold,
+        model_persistence_threshold=zero.model_persistence_threshold,
+        offload_param_config=zero.offload_param,
+    )
+
+
+def _reset_per_decoder_forward(model: torch.nn.Module, coordinator) -> list:
+    """Start a new coordinator step whenever the decoder runs on its own.
+
+    DeepSpeed starts a step (resets its fetch counters, completes the recorded module trace that
+    drives prefetching) when the forward of the module it was given starts. The training and eval
+    losses call the decoder (model.base_model) directly and apply the output projection in chunks,
+    so without this every step would extend one endless trace: no prefetch, and each layer's
+    gather in backward waited for synchronously. Calls through the whole model reset once, as before.
+    """
+    decoder = getattr(model, "base_model", model)
+    if decoder is model:
+        return []
+    inside_model = [False]
+
+    def enter(*_args) -> None:
+        inside_model[0] = True
+
+    def leave(*_args) -> None:
+        inside_model[0] = False
+
+    def decoder_starts(*_args) -> None:
+        if not inside_model[0]:
+            coordinator.get_param_coordinator().reset_step()
+
+    return [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True),
+            decoder.register_forward_pre_hook(decoder_starts)]

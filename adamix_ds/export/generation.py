@@ -1,0 +1,119 @@
+"""Generation from a merged model directory or from a mixture checkpoint in a chosen routing mode."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, HfArgumentParser
+
+from ..arguments import ModelArguments
+from ..builtin_models import is_builtin
+from ..config import EVAL_MODES, ConfigError
+from ..data.tokenizer import load_tokenizer
+from ..training.losses import IGNORE_INDEX
+from .mixture_checkpoint import CONFIG_NAME, load_mixtures
+
+
+@dataclass
+class GenerateArguments:
+    model_path: str = field(metadata={"help": "A merged model directory (OUTPUT_DIR/merged/model) or a mixture "
+                                              "checkpoint (OUTPUT_DIR/checkpoints/step-N; needs --model_name_or_path)."})
+    prompt: list[str] = field(default_factory=list, metadata={"help": "Prompt text (repeatable)."})
+    prompts_file: Optional[str] = field(default=None, metadata={"help": "A jsonl file with a 'prompt' field per line."})
+    eval_mode: str = field(default="merged", metadata={"help": f"Routing of a mixture checkpoint: {', '.join(EVAL_MODES)}."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate per prompt."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: greedy or sampling)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy/beam decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    top_k: int = field(default=50, metadata={"help": "Top-k sampling."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling."})
+    output_file: Optional[str] = field(default=None, metadata={"help": "Write prompt/completion jsonl here."})
+
+
+def decoding_config(args: GenerateArguments, tokenizer) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
+    """(model, tokenizer, mixtures) in eval mode: a merged model (mixtures None), a routed method's export
+    (base + mixture in one directory), or base + a mixture checkpoint routed as args.eval_mode."""
+    path = Path(args.model_path)
+    mixtures = None
+    if (path / "config.json").is_file():
+        tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(path),
+                                                  tokenizer_name_or_path=model_args.tokenizer_name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(path, **model_args.loading_options())
+        if (path / CONFIG_NAME).is_file():
+            # A routed method's export: the base model and its whole mixture (routers included) together.
+            mixtures = load_mixtures(model, path)
+    elif (path / CONFIG_NAME).is_file():
+        if is_builtin(model_args.model_name_or_path):
+            raise ConfigError("a mixture checkpoint needs --model_name_or_path: the base model directory it was "
+                              "trained on (for a built-in base, generate from OUTPUT_DIR/merged/model instead)")
+        tokenizer = load_tokenizer(model_args)
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_args.loading_options())
+        mixtures = load_mixtures(model, path)
+        if hasattr(mixtures, "router"):
+            mixtures.router.set_eval_mode(args.eval_mode)
+    else:
+        raise ConfigError(f"--model_path {path}: neither a merged model (config.json) nor a mixture checkpoint "
+                          f"({CONFIG_NAME})")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    if mixtures is not None:
+        mixtures.to(device)  # the mixtures live outside the model's module tree
+    return model, tokenizer, mixtures
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig, synced: bool = False) -> list[str]:
+    """Decode each prompt (token ids) one at a time; `synced` for ZeRO-3 (every rank generates together)."""
+    device = next(model.parameters()).device
+    outputs = []
+    for ids in prompt_ids:
+        input_ids = torch.tensor([ids], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             generation_config=config, synced_gpus=synced)
+        outputs.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+    return outputs
+
+
+def prompt_of(row: dict) -> tuple[list[int], list[int]]:
+    """(prompt ids, reference ids) of a tokenized example: the prompt is everything before the first target."""
+    labels = row["labels"]
+    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels) // 2)
+    first = max(first, 1)
+    return row["input_ids"][:first], [t for t in labels[first:] if t != IGNORE_INDEX]
+
+
+def generate_main(model_args: ModelArguments, args: GenerateArguments) -> list[dict]:
+    model, tokenizer, _ = load_for_generation(model_args, args)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as handle:
+            prompts += [json.loads(line)["prompt"] for line in handle if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt: pass --prompt TEXT or --prompts_file FILE")
+    torch.manual_seed(args.seed)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    completions = complete(model, tokenizer, ids, decoding_config(args, tokenizer))
+    rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False))
+    if args.output_file:
+        Path(args.output_file).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return rows
+
+
+def parse_generate_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, GenerateArguments]:
+    model_args, gen_args = HfArgumentParser((ModelArguments, GenerateArguments)).parse_args_into_dataclasses(args=argv)
+    return model_args, gen_args

@@ -1,0 +1,139 @@
+"""The post-training merge, as a collective: every rank takes part, replicas are checked, shards are
+written in parallel.
+
+OUTPUT/merged/adapter/: the averaged mixture as a PEFT LoRA adapter (LoRA methods) or a one-expert
+mixture checkpoint (adapter methods). OUTPUT/merged/model/ (LoRA methods): the full model with the
+averaged delta folded into its weights, as sharded safetensors that `from_pretrained` reads: rank r
+gathers the parameters of its contiguous share and writes shard r + 1; rank 0 writes the index,
+config and tokenizer.
+
+The routed methods (MoA, MoE-LoRA) have input-dependent routers, so nothing is averaged:
+OUTPUT/merged/model/ holds the unchanged base (written the same shard-aware way) together with the
+full mixture checkpoint, which `generation.load_for_generation` serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import distributed
+from ..distributed.sharded import full_numel, gathered
+from ..methods.adamix.merging import merge_experts
+from ..methods.adamix.mixture_set import MixtureSet
+from ..methods.hooks import HookedMixtures
+from .mixture_checkpoint import save_mixtures
+from .peft_adapter import export_peft_adapter
+
+logger = logging.getLogger(__name__)
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _saved_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """State-dict entries to save, each tied parameter once (under its first name)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    seen: set[int] = set()
+    entries = []
+    for name in model.state_dict(keep_vars=True):
+        tensor = params.get(name, buffers.get(name))
+        if tensor is None or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        entries.append((name, tensor))
+    return entries
+
+
+def _owners(entries, world: int) -> list[int]:
+    """Contiguous split of the entries into `world` shares of about equal size."""
+    sizes = [full_numel(t) for _, t in entries]
+    total, owners, acc = sum(sizes), [], 0
+    for size in sizes:
+        owners.append(min(world - 1, acc * world // max(total, 1)))
+        acc += size
+    return owners
+
+
+def folded_deltas(mixtures: MixtureSet) -> dict[str, tuple[torch.Tensor, bool]]:
+    """{base weight name: (averaged LoRA delta (out, in), stored transposed?)} for every target."""
+    return {
+        f"{t.name}.weight": (m.delta_weight().detach().float().cpu(), t.transposed)
+        for t, m in zip(mixtures.targets, mixtures.mixtures)
+    }
+
+
+def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenizer=None) -> Path:
+    """Collective: the full model with each weight W + delta (see folded_deltas), one safetensors shard per rank."""
+    rank, world = distributed.rank(), distributed.world_size()
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = _saved_tensors(model)
+    lost = sorted(set(deltas) - {name for name, _ in entries})
+    if lost:
+        raise ValueError(f"merged weights {lost} are not saved under their own name (tied to another weight?); "
+                         "their LoRA delta would be lost")
+    owners = _owners(entries, world)
+    shard_name = f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
+    shard = {}
+    for (name, tensor), owner in zip(entries, owners):
+        with gathered([tensor]):
+            if owner == rank:
+                value = tensor.detach().to("cpu", copy=True)
+                if name in deltas:
+                    delta, transposed = deltas[name]
+                    value = (value.float() + (delta.T if transposed else delta)).to(value.dtype)
+                shard[name] = value.contiguous()
+    save_file(shard, directory / shard_name,
+              metadata={"format": "pt", "written_by": f"rank {rank} of {world} on {socket.gethostname()}"})
+    if rank == 0:
+        weight_map = {name: f"model-{o + 1:05d}-of-{world:05d}.safetensors" for (name, _), o in zip(entries, owners)}
+        total = sum(full_numel(t) * t.element_size() for _, t in entries)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+    distributed.barrier()
+    return directory
+
+
+def export_with_mixtures(model: nn.Module, mixtures: HookedMixtures, output_dir: Path, tokenizer=None) -> dict[str, str]:
+    """Collective: the base model and the whole mixture (routers and every expert) in merged/model."""
+    distributed.check_replicas_agree([p for _, p in mixtures.named_tensors()], "mixture weights")
+    model_dir = write_merged_model(model, {}, Path(output_dir) / "merged" / "model", tokenizer)
+    if distributed.is_main():
+        save_mixtures(mixtures, model_dir)
+    distributed.barrier()
+    return {"model": str(model_dir)}
+
+
+def merge_and_export(model: nn.Module, mixtures: HookedMixtures, output_dir: Path, tokenizer=None,
+                     base_model_name_or_path: str | None = None) -> dict[str, str]:
+    """Collective: check the replicas agree, average the experts, write merged/adapter and merged/model."""
+    if mixtures.config.is_routed:
+        return export_with_mixtures(model, mixtures, output_dir, tokenizer)
+    distributed.check_replicas_agree([p for _, p in mixtures.named_tensors()], "mixture weights")
+    merged = merge_experts(mixtures)
+    out = {}
+    adapter_dir = Path(output_dir) / "merged" / "adapter"
+    if distributed.is_main():
+        if mixtures.config.is_lora:
+            export_peft_adapter(merged, adapter_dir, base_model_name_or_path)
+        else:
+            save_mixtures(merged, adapter_dir)
+    out["adapter"] = str(adapter_dir)
+    if mixtures.config.is_lora:
+        model_dir = Path(output_dir) / "merged" / "model"
+        out["model"] = str(write_merged_model(model, folded_deltas(merged), model_dir, tokenizer))
+    else:
+        logger.info("adapter methods have no folded full model (an adapter is not a weight delta); "
+                    "serve base + merged/adapter")
+    distributed.barrier()
+    return out

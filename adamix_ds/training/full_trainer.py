@@ -1,0 +1,136 @@
+"""--method full: every base weight trained, the upper baseline, in a standard DeepSpeed engine.
+
+Here ZeRO-3 partitions the weights, their fp32 masters and the optimizer state, as DeepSpeed does for
+any model. The optimizer and schedule are the same ones the mixtures use (optimization.py), handed
+to the engine as client objects. The step is normalised to the token mean over the global batch:
+the sampler tells every rank the target-token count of the whole step without communication, and
+each micro-batch's loss sum is scaled so that DeepSpeed's division by accumulation steps and by
+ranks leaves sum / global tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+from torch.nn import functional as F
+
+from .. import distributed
+from ..distributed.sharded import full_numel
+from ..export.merged_model import write_merged_model
+from ..methods.accounting import ParameterCount
+from .checkpoints import (
+    STATE_NAME,
+    TrainerState,
+    checkpoints_dir,
+    find_resume_checkpoint,
+    prune_checkpoints,
+    publish_checkpoint,
+)
+from .losses import IGNORE_INDEX
+from .optimization import build_optimizer, build_scheduler
+from .recipe import Trainer
+
+logger = logging.getLogger("adamix_ds")
+
+
+def logits_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(target tokens, summed next-token cross-entropy) from full logits (B, T, V) and labels (B, T)."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    ce = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    return int(keep.sum()), ce
+
+
+class FullTrainer(Trainer):
+    trainable_base = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        import deepspeed
+
+        total = sum(full_numel(p) for p in self.model.parameters())
+        self.parameter_count = ParameterCount(base=total, trained=total, served=total)
+        logger.info(self.parameter_count.summary())
+        optimizer = build_optimizer(self.model.parameters(), self.ds_config["optimizer"])
+        scheduler = build_scheduler(optimizer, self.ds_config.get("scheduler"))
+        engine_config = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler", "tensorboard")}
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=engine_config,
+        )
+
+    def _global_tokens(self) -> int:
+        """Target tokens of the whole step, over all ranks and micro-batches (known from the sampler)."""
+        return sum(
+            self.train_data[i]["targets"]
+            for micro in range(self.plan.accumulation)
+            for rank in range(self.plan.world_size)
+            for i in self.sampler.rows(self.step, micro, rank)
+        )
+
+    def train_step(self) -> dict:
+        self.seed_step()
+        self.engine.train()
+        start = time.perf_counter()
+        scale = self.plan.accumulation * self.plan.world_size / max(self._global_tokens(), 1)
+        stats = torch.zeros(2, dtype=torch.float64)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for micro in range(self.plan.accumulation):
+            batch = self.batch(self.step_rows(micro), self.train_data)
+            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            tokens, ce = logits_ce_sum(logits, batch["labels"])
+            self.engine.backward(ce * scale)
+            self.engine.step()
+            stats += torch.tensor([tokens, ce.item()], dtype=torch.float64)
+        stats = distributed.all_reduce_sum(stats).cpu()
+        elapsed = time.perf_counter() - start
+        loss = stats[1].item() / max(stats[0].item(), 1.0)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "train/loss": loss,
+            "train/lm_loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "perf/step_time_s": elapsed,
+            "perf/tokens_per_s": stats[0].item() / elapsed,
+        }
+
+    def eval_mode_names(self) -> list[str]:
+        return ["model"]
+
+    def eval_sums(self, batch: dict, rows: list[int]) -> tuple[int, float]:
+        logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        tokens, ce = logits_ce_sum(logits, batch["labels"])
+        return tokens, ce.item()
+
+    def save(self) -> None:
+        """DeepSpeed's own (partitioned) checkpoint, written into a temporary tag and renamed when complete."""
+        root = checkpoints_dir(self.output_dir)
+        tag = f".tmp-step-{self.step}"
+        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        distributed.barrier()
+        if distributed.is_main():
+            tmp, final = root / tag, root / f"step-{self.step}"
+            state = TrainerState(step=self.step, routing_seed=self.seed,
+                                 consumed_examples=self.step * self.plan.global_batch)
+            (tmp / STATE_NAME).write_text(json.dumps({"trainer": vars(state)}, indent=2) + "\n")
+            publish_checkpoint(tmp, final)
+            prune_checkpoints(self.output_dir, self.args.save_total_limit, final)
+            logger.info("saved checkpoint %s", final)
+        distributed.barrier()
+
+    def resume(self) -> None:
+        path = find_resume_checkpoint(self.output_dir, self.args.resume_from_checkpoint)
+        if path is None:
+            return
+        state = TrainerState(**json.loads((path / STATE_NAME).read_text())["trainer"])
+        state.check_continues(path, self.seed, self.plan.global_batch)
+        self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        self.step = state.step
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def export(self) -> dict:
+        directory = self.output_dir / "merged" / "model"
+        return {"model": str(write_merged_model(self.model, {}, directory, self.tokenizer))}

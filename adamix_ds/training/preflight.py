@@ -1,0 +1,106 @@
+"""Checks that run before any heavy work, identically on every rank: a bad option costs seconds, not a
+queue slot. Each failure is one ConfigError line naming the option, the value and what is allowed."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..arguments import ModelArguments
+from ..builtin_models import builtin_config, is_builtin
+from ..config import EVAL_MODES, ConfigError, MixtureConfig
+from ..distributed.sharded_base import require_activation_checkpointing
+from ..methods.targets import resolve_targets
+
+DEEPSPEED_KEYS = frozenset("""
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16 bfloat16
+amp torch_autocast gradient_clipping prescale_gradients gradient_predivide_factor sparse_gradients
+communication_data_type seq_parallel_communication_data_type zero_optimization zero_allow_untested_optimizer
+zero_force_ds_cpu_optimizer steps_per_print wall_clock_breakdown dump_state memory_breakdown flops_profiler
+activation_checkpointing aio tensorboard wandb csv_monitor comet comms_logger elasticity autotuning
+data_efficiency curriculum_learning compression_training checkpoint data_types dataloader_drop_last
+disable_allgather disable_python_gc gradient_allreduce_op hybrid_engine pipeline sparse_attention eigenvalue
+progressive_layer_drop quantize_training weight_quantization use_data_before_expert_parallelism
+vocabulary_size compile nebula timers graph_harvesting tensor_parallel legacy_fusion lower_precision_safe_modules
+managed_gradient_accumulation log_level zenflow mics_shard_size
+""".split())
+"""Top-level keys DeepSpeed reads (DeepSpeed silently ignores any other, so a typo would go unnoticed)."""
+
+
+def check_ds_keys(config: dict, path: str) -> None:
+    for key in config:
+        if key not in DEEPSPEED_KEYS:
+            close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--deepspeed {path}: unknown key {key!r}{hint}")
+
+
+def check_output_dir(output_dir: str) -> None:
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"--output_dir {output_dir}: not writable ({error.strerror or error})") from None
+
+
+def check_method_options(mixture: MixtureConfig, args) -> None:
+    """Options of AdaMix's stochastic routing make no sense with learned per-token routers."""
+    if not mixture.is_routed:
+        return
+    for option, default in (("consistency_weight", 0.0), ("check_routes_every", 0), ("save_routes", False)):
+        value = getattr(args, option)
+        if value != default:
+            raise ConfigError(f"--{option}={value!r} is not allowed with --method {mixture.method}: it belongs to "
+                              "AdaMix's stochastic routing (the routed methods learn per-token routers)")
+
+
+def resolve_eval_modes(mixture: MixtureConfig, eval_modes: str | None) -> list[str]:
+    """The routing modes evaluated at each eval of a stochastically routed mixture: merged weights (AdaMix,
+    Sec. 3.3), a random expert per example, or the experts' average output. With one expert every mode is the
+    same model, so it is evaluated once."""
+    if mixture.is_routed or mixture.is_full:
+        if eval_modes is not None:
+            what = "the model itself" if mixture.is_full else "their learned routers (eval/routed/loss)"
+            raise ConfigError(f"--eval_modes={eval_modes!r} is not allowed with --method {mixture.method}: it "
+                              f"chooses AdaMix's routing at evaluation, and this method evaluates {what}")
+        return []
+    if eval_modes is None:
+        return ["merged", "random"] if mixture.num_experts > 1 else ["merged"]
+    modes = list(dict.fromkeys(m.strip() for m in eval_modes.split(",") if m.strip()))
+    unknown = [m for m in modes if m not in EVAL_MODES]
+    if unknown or not modes:
+        raise ConfigError(f"--eval_modes={eval_modes!r} is not allowed: comma-separated from {', '.join(EVAL_MODES)}")
+    return modes
+
+
+def check_model(model_args: ModelArguments, mixture: MixtureConfig, gradient_checkpointing: bool = False) -> None:
+    """Build a weightless (meta-device) copy of the model, which checks --attn_implementation and
+    --gradient_checkpointing, and resolve the mixture's targets on it: no download, no memory."""
+    name = model_args.model_name_or_path
+    if is_builtin(name):
+        try:
+            config = builtin_config(name, vocab_size=8)
+        except ValueError as error:
+            raise ConfigError(f"--model_name_or_path: {error}") from None
+    elif os.path.isdir(name):
+        config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    else:
+        return  # a hub name: checked when it is loaded
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **model_args.loading_options())
+    except (ValueError, ImportError) as error:
+        if not model_args.attn_implementation:
+            raise
+        raise ConfigError(f"--attn_implementation={model_args.attn_implementation!r}: {error}") from None
+    if gradient_checkpointing:
+        require_activation_checkpointing(model)
+    if not mixture.is_full:
+        resolve_targets(model, mixture)
