@@ -196,6 +196,11 @@ class MixtureConfig:
         return self.moa_experts.split(",") if self.moa_experts else []
 
     @property
+    def family(self) -> str:
+        """adamix (AdaMix and the single-module baselines), routed (learned token routers) or full."""
+        return "full" if self.is_full else "routed" if self.is_routed else "adamix"
+
+    @property
     def is_full(self) -> bool:
         return self.method == FULL
 

@@ -13,7 +13,7 @@ import torch
 
 from ..config import ConfigError
 from ..distributed.ds_config import BatchPlan
-from ..training.losses import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

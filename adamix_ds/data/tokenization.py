@@ -25,8 +25,8 @@ from transformers import PreTrainedTokenizerBase
 from .. import distributed
 from ..arguments import DataArguments
 from ..config import ConfigError
-from ..training.losses import IGNORE_INDEX
 from . import default_task
+from .labels import IGNORE_INDEX
 from .sources import read_dataset
 
 logger = logging.getLogger(__name__)

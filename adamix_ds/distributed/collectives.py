@@ -27,7 +27,7 @@ def init_process_group(timeout_s: float = 1800.0) -> None:
         return
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     # Under mpirun, DeepSpeed's MPI discovery sets MASTER_PORT to this value: honour the user's, so that two
     # jobs on one host do not meet on the default port.
     port = int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT))
@@ -43,7 +43,8 @@ def setup_rank_logging() -> None:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on this host that nothing listens on now (for a launcher's rendezvous)."""
     import socket
 
     with socket.socket() as s:

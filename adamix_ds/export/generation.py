@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, HfArgumentParse
 from ..arguments import ModelArguments
 from ..builtin_models import is_builtin
 from ..config import EVAL_MODES, ConfigError
+from ..data.labels import IGNORE_INDEX
 from ..data.tokenizer import load_tokenizer
-from ..training.losses import IGNORE_INDEX
 from .mixture_checkpoint import CONFIG_NAME, load_mixtures
 
 

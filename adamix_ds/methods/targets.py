@@ -39,6 +39,7 @@ ROUTED_LORA_DEFAULTS = {family: _QKVOD for family in ("llama", "mistral", "mixtr
 ATTENTION_NAMES = ("self_attn", "attn", "attention")
 MLP_NAMES = ("mlp", "feed_forward")
 ALL_LINEAR = "all-linear"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -154,3 +155,9 @@ def resolve_targets(model: nn.Module, config: MixtureConfig) -> list[Target]:
 
         return decoder_layers(model) if config.method.startswith("moa-") else resolve_routed_targets(model, config)
     return resolve_lora_targets(model, config) if config.is_lora else resolve_adapter_targets(model, config)
+
+
+def layer_of(target_name: str) -> str:
+    """The decoder-layer index in a module name ('model.layers.3.self_attn.q_proj' -> '3'), else 'other'."""
+    match = _LAYER_INDEX.search(target_name)
+    return match.group(1) if match else "other"

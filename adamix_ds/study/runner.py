@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..distributed.collectives import free_port
 from . import pretraining, python_docs, wordnet_tasks
 from .presets import Preset, StudyMethod
 from .scoring import HEADLINE
@@ -37,12 +38,6 @@ class Job:
     @property
     def name(self) -> str:
         return f"{self.task}/{self.method.name}/seed-{self.seed}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _flags(options: dict) -> list[str]:
@@ -157,7 +152,7 @@ class QualityStudy:
     def _launch(self, options: dict, log: Path, ranks: int, threads: int) -> None:
         script = str(self.train_script)
         if ranks > 1:
-            command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), script]
+            command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script]
         else:
             command = [sys.executable, script]
         self._run(command + _flags(options), log, threads)

@@ -1,11 +1,12 @@
-"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+"""Training checkpoints: everything needed to continue a run exactly, written atomically, for every family.
 
-OUTPUT_DIR/checkpoints/step-N/ holds the mixtures (mixture_checkpoint format), the optimizer state
-(safetensors), and trainer_state.json (step, schedule, routing seed, data position). No RNG state is
-needed: routes and dropout seeds are functions of (seed, step, rank).
-Rank 0 writes into a temporary directory, flushes every file to disk, adds a COMPLETE marker, and
-renames it into place (publish_checkpoint), so neither a kill during a save nor a node that loses
-power afterwards leaves a directory that resume would pick with missing or torn contents.
+OUTPUT_DIR/checkpoints/step-N/ holds trainer_state.json (step, routing seed, data position, and what the
+family adds) beside the family's own state: for replicated mixtures the mixtures (mixture_checkpoint
+format), the optimizer state (safetensors) and the schedule; for --method full DeepSpeed's partitioned
+checkpoint. No RNG state is needed: routes and dropout seeds are functions of (seed, step, rank).
+The family writes into a temporary directory; rank 0 then flushes every file to disk, adds a COMPLETE
+marker, and renames it into place (publish_checkpoint), so neither a kill during a save nor a node that
+loses power afterwards leaves a directory that resume would pick with missing or torn contents.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import distributed
 from ..config import ConfigError
 from ..export.mixture_checkpoint import (
     WEIGHTS_NAME,
@@ -28,7 +31,7 @@ from ..export.mixture_checkpoint import (
     read_mixture_config,
     save_mixtures,
 )
-from ..methods.adamix.mixture_set import MixtureSet
+from ..methods.hooks import HookedMixtures
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
@@ -77,26 +80,38 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list) -
     return {"state": state, "param_groups": param_groups}
 
 
-def save_checkpoint(output_dir, mixtures: MixtureSet, optimizer, scheduler, state: TrainerState,
+def save_checkpoint(output_dir, state: TrainerState, write_contents: Callable[[Path], dict],
                     keep: int | None) -> Path:
-    """Write step-N atomically (call on rank 0 only), then prune to the newest `keep` checkpoints."""
+    """Collective: every rank calls write_contents(tmp), which writes what that rank holds of the state and
+    returns the entries trainer_state.json adds (rank 0's count); rank 0 then writes trainer_state.json,
+    publishes step-N atomically and prunes to the newest `keep` checkpoints."""
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step}"
-    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_mixtures(mixtures, tmp)
-    tensors, param_groups = _flatten_optimizer(optimizer)
-    save_file(tensors, tmp / OPTIMIZER_NAME)
-    record = {
-        "trainer": asdict(state),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "optimizer_param_groups": param_groups,
-    }
-    (tmp / STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
-    publish_checkpoint(tmp, final)
-    prune_checkpoints(output_dir, keep, final)
+    final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    distributed.barrier()
+    record = write_contents(tmp)
+    distributed.barrier()
+    if distributed.is_main():
+        (tmp / STATE_NAME).write_text(json.dumps({"trainer": asdict(state), **record}, indent=2) + "\n")
+        publish_checkpoint(tmp, final)
+        prune_checkpoints(output_dir, keep, final)
+    distributed.barrier()
     return final
+
+
+def write_replicated_state(directory: Path, mixtures: HookedMixtures, optimizer, scheduler) -> dict:
+    """The state of replicated mixtures (identical on every rank, so written by rank 0 alone): the mixtures,
+    the optimizer's tensors, and for trainer_state.json the schedule and the optimizer's parameter groups."""
+    if not distributed.is_main():
+        return {}
+    save_mixtures(mixtures, directory)
+    tensors, param_groups = _flatten_optimizer(optimizer)
+    save_file(tensors, directory / OPTIMIZER_NAME)
+    return {"scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "optimizer_param_groups": param_groups}
 
 
 def publish_checkpoint(tmp: Path, final: Path) -> None:
@@ -160,12 +175,17 @@ def find_resume_checkpoint(output_dir, spec: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, mixtures: MixtureSet, optimizer, scheduler) -> TrainerState:
-    """Restore mixtures (strictly), optimizer and schedule from `path`; return the trainer state."""
+def read_trainer_state(path: Path) -> tuple[TrainerState, dict]:
+    """(where the run stood, the whole trainer_state.json record) of a checkpoint."""
+    record = json.loads((path / STATE_NAME).read_text())
+    return TrainerState(**record["trainer"]), record
+
+
+def load_replicated_state(path: Path, record: dict, mixtures: HookedMixtures, optimizer, scheduler) -> None:
+    """Restore mixtures (strictly), optimizer and schedule written by write_replicated_state."""
     saved_config, _, _ = read_mixture_config(path)
     check_config_matches(saved_config, mixtures.config)
     load_state_strict(mixtures, load_file(str(path / WEIGHTS_NAME)))
-    record = json.loads((path / STATE_NAME).read_text())
     tensors = load_file(str(path / OPTIMIZER_NAME))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, record["optimizer_param_groups"]))
     if (scheduler is None) != (record["scheduler"] is None):
@@ -173,4 +193,3 @@ def load_checkpoint(path: Path, mixtures: MixtureSet, optimizer, scheduler) -> T
                          f"this run {'has a' if scheduler else 'has no'} scheduler")
     if scheduler is not None:
         scheduler.load_state_dict(record["scheduler"])
-    return TrainerState(**record["trainer"])

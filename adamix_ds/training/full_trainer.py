@@ -10,28 +10,20 @@ ranks leaves sum / global tokens.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from .. import distributed
+from ..data.labels import IGNORE_INDEX
 from ..distributed.sharded import full_numel
 from ..export.merged_model import write_merged_model
 from ..methods.accounting import ParameterCount
-from .checkpoints import (
-    STATE_NAME,
-    TrainerState,
-    checkpoints_dir,
-    find_resume_checkpoint,
-    prune_checkpoints,
-    publish_checkpoint,
-)
-from .losses import IGNORE_INDEX
 from .optimization import build_optimizer, build_scheduler
-from .recipe import Trainer
+from .trainer import Trainer
 
 logger = logging.getLogger("adamix_ds")
 
@@ -100,36 +92,18 @@ class FullTrainer(Trainer):
     def eval_mode_names(self) -> list[str]:
         return ["model"]
 
-    def eval_sums(self, batch: dict, rows: list[int]) -> tuple[int, float]:
+    def eval_sums(self, batch: dict, rows: list[int], mode: str) -> tuple[int, float]:
         logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         tokens, ce = logits_ce_sum(logits, batch["labels"])
         return tokens, ce.item()
 
-    def save(self) -> None:
-        """DeepSpeed's own (partitioned) checkpoint, written into a temporary tag and renamed when complete."""
-        root = checkpoints_dir(self.output_dir)
-        tag = f".tmp-step-{self.step}"
-        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-        distributed.barrier()
-        if distributed.is_main():
-            tmp, final = root / tag, root / f"step-{self.step}"
-            state = TrainerState(step=self.step, routing_seed=self.seed,
-                                 consumed_examples=self.step * self.plan.global_batch)
-            (tmp / STATE_NAME).write_text(json.dumps({"trainer": vars(state)}, indent=2) + "\n")
-            publish_checkpoint(tmp, final)
-            prune_checkpoints(self.output_dir, self.args.save_total_limit, final)
-            logger.info("saved checkpoint %s", final)
-        distributed.barrier()
+    def write_checkpoint(self, directory: Path) -> dict:
+        """DeepSpeed's own checkpoint: every rank writes its partition of weights, masters and optimizer state."""
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        return {}
 
-    def resume(self) -> None:
-        path = find_resume_checkpoint(self.output_dir, self.args.resume_from_checkpoint)
-        if path is None:
-            return
-        state = TrainerState(**json.loads((path / STATE_NAME).read_text())["trainer"])
-        state.check_continues(path, self.seed, self.plan.global_batch)
+    def load_checkpoint(self, path: Path, record: dict) -> None:
         self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        self.step = state.step
-        logger.info("resumed from %s at step %d", path, self.step)
 
     def export(self) -> dict:
         directory = self.output_dir / "merged" / "model"

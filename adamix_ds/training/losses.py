@@ -20,10 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..data.labels import IGNORE_INDEX
 from ..distributed.sharded import gathered
 from ..methods.adamix.stochastic_routing import Router
-
-IGNORE_INDEX = -100
 
 
 @dataclass

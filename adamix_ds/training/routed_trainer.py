@@ -1,30 +1,23 @@
-"""Training the routed methods (moa-soft, moa-sparse, molora, hydralora, topk-lora) beside a frozen base.
+"""Training the routed methods (moa-soft, moa-sparse, molora, hydralora, topk-lora) on the replicated step.
 
-The step is MixtureTrainer's (replicated mixtures, token-sum losses, bucketed gradient all-reduce, one
-optimizer step on every rank); what differs: routing is learned and per token, so there is no route
-plan to broadcast or check and no consistency loss; topk-lora adds its load-balancing loss; the
-diagnostics are the routers' gates; the export keeps every expert with its router (input-dependent
-routing cannot be averaged into one module).
+What the family adds to ReplicatedTrainer: routing is learned and per token, so the routers are trained
+modules like the experts, with no route plan and no consistency loss; topk-lora adds its load-balancing
+loss; the diagnostics are the routers' gates; the export keeps every expert with its router
+(input-dependent routing cannot be averaged into one module).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
 from ..export.merged_model import export_with_mixtures
 from .losses import causal_lm_losses
-from .mixture_trainer import MixtureTrainer
-from .recipe import Trainer
+from .replicated_trainer import ReplicatedTrainer
 
 ROUTED_EVAL_MODE = "routed"
 
 
-class RoutedTrainer(MixtureTrainer):
-    def setup_routing(self) -> None:
-        """Nothing to set up: the routers are trained modules, replicated like every other weight."""
-
+class RoutedTrainer(ReplicatedTrainer):
     def micro_step(self, batch: dict) -> torch.Tensor:
         """CE sum (+ aux weight x aux loss x target tokens, so that the token normalisation of the step
         turns it into the token-weighted mean of the micro-batches' aux losses)."""
@@ -43,20 +36,21 @@ class RoutedTrainer(MixtureTrainer):
             stats.valid = None
         return torch.tensor([sums.tokens, sums.lm.item(), 0.0, aux_sum], dtype=torch.float64)
 
+    def step_metrics(self, lm: float, kl: float, aux: float) -> dict:
+        weight = self.mixture_config.aux_weight
+        return {"train/loss": lm + weight * aux, "train/lm_loss": lm, **({"train/aux_loss": aux} if weight > 0 else {})}
+
     def extra_metrics(self) -> dict:
         return self.mixtures.stats.metrics()
 
     def eval_mode_names(self) -> list[str]:
+        """The learned routers route evaluation as they route training."""
         return [ROUTED_EVAL_MODE]
 
-    def set_eval_mode(self, mode: str) -> None:
-        """The learned routers route evaluation as they route training."""
-
-    def eval_routing(self, rows: list[int]):
-        return contextlib.nullcontext()
-
-    def evaluate(self) -> dict:
-        return Trainer.evaluate(self)
+    def eval_sums(self, batch: dict, rows: list[int], mode: str) -> tuple[int, float]:
+        out = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                               chunk_tokens=self.args.loss_chunk_tokens)
+        return out.tokens, out.lm.item()
 
     def export(self) -> dict:
         return export_with_mixtures(self.model, self.mixtures, self.output_dir, self.tokenizer)

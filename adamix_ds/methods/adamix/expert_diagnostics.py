@@ -3,23 +3,16 @@ experts of a layer have moved (AdaMix merges by averaging, which works while exp
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import torch
 from torch.nn import functional as F
 
+from ..targets import layer_of
 from .mixture_set import MixtureSet
 from .stochastic_routing import DOWN
 
-_LAYER = re.compile(r"\.(\d+)\.")
 SIDES = {DOWN: "down", 1: "up"}
-
-
-def layer_of(target_name: str) -> str:
-    """The decoder-layer index in a module name ('model.layers.3.self_attn.q_proj' -> '3'), else 'other'."""
-    match = _LAYER.search(target_name)
-    return match.group(1) if match else "other"
 
 
 def selection_counts(mixtures: MixtureSet) -> dict[str, float]:

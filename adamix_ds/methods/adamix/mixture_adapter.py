@@ -6,10 +6,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..activations import ACTIVATION_FUNCTIONS
 from .stacked_experts import group_rows, grouped_linear, select_experts, ungroup_rows
 from .stochastic_routing import Choice
-
-ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 
 
 class MixtureAdapter(nn.Module):

@@ -20,29 +20,14 @@ from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 from ...config import EVAL_MODES
+from ...hashing import counter_hash
 
-_MASK = (1 << 64) - 1
 _TRAIN_DOMAIN = 0x7472
 _EVAL_DOMAIN = 0x6576
 _EXAMPLE_DOMAIN = 0x6578
 
 DOWN, UP = 0, 1
 Choice = Union[list, str]
-
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-    return z ^ (z >> 31)
-
-
-def counter_hash(*words: int) -> int:
-    """A 64-bit hash of a sequence of integers (a splitmix64 chain); same input, same output, anywhere."""
-    h = 0
-    for word in words:
-        h = _splitmix64(h ^ (word & _MASK))
-    return h
 
 
 def draw_expert(num_experts: int, *key: int) -> int:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..adamix.mixture_adapter import ACTIVATION_FUNCTIONS
+from ..activations import ACTIVATION_FUNCTIONS
 
 
 class LoRAExpert(nn.Module):

@@ -6,9 +6,8 @@ from __future__ import annotations
 from torch import nn
 
 from ...config import MixtureConfig
-from ..adamix.expert_diagnostics import layer_of
 from ..hooks import TargetMixtures
-from ..targets import Target, resolve_routed_targets
+from ..targets import Target, layer_of, resolve_routed_targets
 from .routed_lora import GATE_OF_METHOD, RoutedLoRA
 from .router_stats import RouterStats
 

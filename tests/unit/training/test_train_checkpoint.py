@@ -11,9 +11,11 @@ from adamix_ds.training.checkpoints import (
     TrainerState,
     complete_checkpoints,
     find_resume_checkpoint,
-    load_checkpoint,
+    load_replicated_state,
     prune_checkpoints,
+    read_trainer_state,
     save_checkpoint,
+    write_replicated_state,
 )
 
 
@@ -60,13 +62,15 @@ def test_optimizer_and_schedule_round_trip(tmp_path):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-    save_checkpoint(tmp_path, mixtures, optimizer, scheduler, TrainerState(3, 3, 12), keep=2)
+    save_checkpoint(tmp_path, TrainerState(3, 3, 12),
+                    lambda directory: write_replicated_state(directory, mixtures, optimizer, scheduler), keep=2)
     fresh_model = make_model("llama")
     fresh = MixtureSet.inject(fresh_model, MixtureConfig(num_experts=2), seed=3)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.01)
     fresh_sched = WarmupLR(fresh_opt, warmup_max_lr=0.01, warmup_num_steps=5, warmup_type="linear")
-    state = load_checkpoint(tmp_path / "checkpoints" / "step-3", fresh, fresh_opt, fresh_sched)
+    state, record = read_trainer_state(tmp_path / "checkpoints" / "step-3")
     assert state == TrainerState(3, 3, 12)
+    load_replicated_state(tmp_path / "checkpoints" / "step-3", record, fresh, fresh_opt, fresh_sched)
     assert fresh_sched.last_batch_iteration == scheduler.last_batch_iteration
     for p, q in zip(mixtures.parameters(), fresh.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
@@ -91,7 +95,8 @@ def test_every_file_reaches_the_disk_before_the_complete_marker(tmp_path, monkey
     model = make_model("llama")
     mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=2), seed=3)
     optimizer = torch.optim.AdamW(mixtures.parameters(), lr=0.01)
-    final = save_checkpoint(tmp_path, mixtures, optimizer, None, TrainerState(3, 3, 12), keep=None)
+    final = save_checkpoint(tmp_path, TrainerState(3, 3, 12),
+                            lambda directory: write_replicated_state(directory, mixtures, optimizer, None), keep=None)
     names = [os.path.basename(p) for p in synced]
     files = sorted(p.name for p in final.iterdir() if p.name != COMPLETE_MARKER)
     assert len(files) >= 4 and sorted(names[:len(files)]) == files

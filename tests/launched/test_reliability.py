@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 # Runs the real trainer in one process, with the loss made NaN from step FIRST_BAD on for COUNT steps.
 NAN_RUN = """
 import sys
-import adamix_ds.training.mixture_trainer as mt
+import adamix_ds.training.adamix_trainer as mt
 from adamix_ds.arguments import parse_arguments
 from adamix_ds.training.recipe import train
 

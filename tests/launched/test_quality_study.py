@@ -13,20 +13,10 @@ import pytest
 import torch
 
 from adamix_ds.study import python_docs, wordnet_tasks
-from adamix_ds.study.scoring import (
-    definition_scores,
-    greedy_completions,
-    most_likely_completions,
-    supersense_accuracy,
-)
-from adamix_ds.study.wordnet import (
-    LEXICOGRAPHER_FILES,
-    WORDNET_DIR,
-    parse_line,
-    read_synsets,
-)
+from adamix_ds.study.scoring import definition_scores, greedy_completions, most_likely_completions, supersense_accuracy
+from adamix_ds.study.wordnet import LEXICOGRAPHER_FILES, WORDNET_DIR, parse_line, read_synsets
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCS = Path(sorted(glob.glob(python_docs.PYTHON_DOCS_GLOB) or ["/missing"])[-1])
 needs_wordnet = pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(),
                                    reason="WordNet database not installed (apt-get install wordnet-base)")

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from adamix_ds import MixtureConfig, load_mixtures
 
-FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints_v1"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "checkpoints_v1"
 METHODS = ("adamix-lora", "adamix-adapter", "moa-soft", "molora")
 
 

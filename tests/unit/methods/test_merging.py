@@ -6,14 +6,7 @@ import pytest
 import torch
 from conftest import FAMILIES, batch, make_model, randomize
 
-from adamix_ds import (
-    MixtureConfig,
-    MixtureSet,
-    count_parameters,
-    fold_into_base,
-    merge_experts,
-    unfold_from_base,
-)
+from adamix_ds import MixtureConfig, MixtureSet, count_parameters, fold_into_base, merge_experts, unfold_from_base
 
 
 def _plain_with_averages(model, mixtures):

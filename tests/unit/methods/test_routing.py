@@ -7,14 +7,7 @@ import torch
 from conftest import batch, make_model
 
 from adamix_ds import ConfigError, MixtureConfig, MixtureSet, RoutePlan
-from adamix_ds.methods.adamix.stochastic_routing import (
-    DOWN,
-    UP,
-    Router,
-    Slot,
-    draw_expert,
-    train_expert,
-)
+from adamix_ds.methods.adamix.stochastic_routing import DOWN, UP, Router, Slot, draw_expert, train_expert
 from adamix_ds.training.preflight import resolve_eval_modes
 
 

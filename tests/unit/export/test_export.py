@@ -8,14 +8,7 @@ import torch
 from conftest import FAMILIES, batch, make_model, randomize
 from safetensors.torch import load_file, save_file
 
-from adamix_ds import (
-    CheckpointMismatch,
-    MixtureConfig,
-    MixtureSet,
-    export_peft_adapter,
-    load_mixtures,
-    save_mixtures,
-)
+from adamix_ds import CheckpointMismatch, MixtureConfig, MixtureSet, export_peft_adapter, load_mixtures, save_mixtures
 from adamix_ds.export.mixture_checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 

@@ -163,12 +163,7 @@ def test_merge_job_on_a_checkpoint_writes_the_same_model(runs, workspace, tmp_pa
 
 def test_generate_from_merged_model_and_from_checkpoint(runs, workspace, tmp_path):
     from adamix_ds.arguments import ModelArguments
-    from adamix_ds.export.generation import (
-        GenerateArguments,
-        complete,
-        decoding_config,
-        load_for_generation,
-    )
+    from adamix_ds.export.generation import GenerateArguments, complete, decoding_config, load_for_generation
 
     prompt = "name[Zizzi] food[Italian] area[riverside] rating[high] =>"
     out_file = tmp_path / "gen.jsonl"

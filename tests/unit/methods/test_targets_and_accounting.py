@@ -3,13 +3,7 @@
 import pytest
 from conftest import make_model
 
-from adamix_ds import (
-    ConfigError,
-    MixtureConfig,
-    MixtureSet,
-    count_parameters,
-    resolve_targets,
-)
+from adamix_ds import ConfigError, MixtureConfig, MixtureSet, count_parameters, resolve_targets
 
 
 @pytest.mark.parametrize(

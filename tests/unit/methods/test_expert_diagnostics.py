@@ -6,12 +6,8 @@ import torch
 from conftest import batch, make_model
 
 from adamix_ds import MixtureConfig, MixtureSet
-from adamix_ds.methods.adamix.expert_diagnostics import (
-    expert_divergence,
-    layer_of,
-    pairwise_cosine_distance,
-    selection_counts,
-)
+from adamix_ds.methods.adamix.expert_diagnostics import expert_divergence, pairwise_cosine_distance, selection_counts
+from adamix_ds.methods.targets import layer_of
 
 
 def test_pairwise_cosine_distance_by_hand():

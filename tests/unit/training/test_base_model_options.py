@@ -12,12 +12,9 @@ from conftest import batch, make_model, randomize
 
 from adamix_ds import MixtureConfig
 from adamix_ds.arguments import ModelArguments
-from adamix_ds.distributed.sharded_base import (
-    _from_source,
-    enable_activation_checkpointing,
-)
+from adamix_ds.distributed.sharded_base import _from_source, enable_activation_checkpointing
 from adamix_ds.methods.registry import inject_mixtures
-from adamix_ds.training.mixture_trainer import MixtureTrainer
+from adamix_ds.training.adamix_trainer import AdaMixTrainer
 from adamix_ds.training.routed_trainer import RoutedTrainer
 
 CASES = {
@@ -32,7 +29,7 @@ CASES = {
 
 
 def _train_forward_backward(family, options, consistency, checkpointing):
-    """One micro-step of the real trainer code (MixtureTrainer / RoutedTrainer.micro_step) on a tiny model."""
+    """One micro-step of the real trainer code (AdaMixTrainer / RoutedTrainer.micro_step) on a tiny model."""
     model = make_model(family)
     config = MixtureConfig(**options)
     mixtures = inject_mixtures(model, config, seed=7)
@@ -49,10 +46,10 @@ def _train_forward_backward(family, options, consistency, checkpointing):
     ids = batch(rows=2, length=9)
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
-    trainer = SimpleNamespace(model=model, mixtures=mixtures, mixture_config=config, step=0,
+    trainer = SimpleNamespace(model=model, mixtures=mixtures, router=router, mixture_config=config, step=0,
                               args=SimpleNamespace(consistency_weight=1.0 if consistency else 0.0,
                                                    loss_chunk_tokens=1024))
-    micro_step = RoutedTrainer.micro_step if config.is_routed else MixtureTrainer.micro_step
+    micro_step = RoutedTrainer.micro_step if config.is_routed else AdaMixTrainer.micro_step
     torch.manual_seed(11)  # the dropout masks
     sums = micro_step(trainer, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
     grads = {name: p.grad.clone() for name, p in mixtures.named_parameters() if p.grad is not None}

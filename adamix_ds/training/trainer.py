@@ -1,0 +1,295 @@
+"""`Trainer`: the loop every method shares, top to bottom: set up, train, evaluate, checkpoint, export.
+
+It holds the arguments, the DeepSpeed config and batch plan, data and its step sampler, the base model,
+the loop, evaluation, checkpoint publishing and resuming, logging and run.json. A family says what it
+trains, how a step is made, what its checkpoint holds and what it exports: `ReplicatedTrainer`
+(replicated_trainer.py) with its two families `AdaMixTrainer` and `RoutedTrainer`, and `FullTrainer`
+(full_trainer.py). recipe.train picks one by the method's family.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from .. import distributed
+from ..arguments import DataArguments, ModelArguments, TrainArguments
+from ..config import MixtureConfig
+from ..data.batching import StepSampler, collate
+from ..data.tokenization import train_eval_datasets
+from ..data.tokenizer import load_tokenizer
+from ..distributed.ds_config import BatchPlan, load_ds_config, resolve_ds_config
+from ..distributed.sharded_base import enable_activation_checkpointing, load_base
+from ..export.generation import complete, prompt_of
+from ..hashing import counter_hash
+from ..methods.accounting import ParameterCount
+from . import preflight
+from .checkpoints import TrainerState, find_resume_checkpoint, read_trainer_state, save_checkpoint
+from .monitoring import Monitor, peak_memory_gb
+from .termination import TerminationRequest, TrainingInterrupted
+
+logger = logging.getLogger("adamix_ds")
+
+
+def total_steps(args: TrainArguments, num_examples: int, plan: BatchPlan) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    return max(1, math.floor(args.num_train_epochs * (num_examples // plan.global_batch)))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of dropout at one step on one rank: resumed runs draw the same masks."""
+    return counter_hash(seed, step, rank) & ((1 << 63) - 1)
+
+
+class Trainer:
+    """Built and run identically on every rank; subclasses say what is trained."""
+
+    trainable_base = False
+    parameter_count: ParameterCount
+
+    def __init__(self, model_args: ModelArguments, data_args: DataArguments, mixture_config: MixtureConfig,
+                 args: TrainArguments) -> None:
+        self.model_args, self.data_args, self.mixture_config, self.args = model_args, data_args, mixture_config, args
+        self.output_dir = Path(args.output_dir)
+        self.eval_modes = preflight.resolve_eval_modes(mixture_config, args.eval_modes)
+
+        self.seed = distributed.broadcast_int(args.seed)
+        raw_ds_config = load_ds_config(args.deepspeed)
+        preflight.check_ds_keys(raw_ds_config, args.deepspeed)
+        resolve_ds_config(raw_ds_config, args, distributed.world_size(), steps_for=lambda plan: 1)  # checks only
+        preflight.check_output_dir(args.output_dir)
+        preflight.check_method_options(mixture_config, args)
+        preflight.check_model(model_args, mixture_config, args.gradient_checkpointing)
+        self.tokenizer = load_tokenizer(model_args)
+        self.train_data, self.eval_data = train_eval_datasets(data_args, self.tokenizer, self.seed)
+        world = distributed.world_size()
+        self.ds_config, self.plan = resolve_ds_config(
+            raw_ds_config, args, world, lambda plan: total_steps(args, len(self.train_data), plan)
+        )
+        self.total_steps = total_steps(args, len(self.train_data), self.plan)
+        self.sampler = StepSampler(len(self.train_data), self.plan, self.seed)
+        logger.info(self.plan.describe(data_args.max_seq_length))
+        logger.info("%d training examples, %d steps (%d per epoch)", len(self.train_data), self.total_steps,
+                    self.sampler.steps_per_epoch)
+        self.base = load_base(model_args, self.ds_config, vocab_size=len(self.tokenizer), seed=args.seed,
+                              trainable=self.trainable_base)
+        self.model = self.base.model
+        if args.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.step = 0
+        self.history: list[dict] = []
+        self.monitor = Monitor(self.ds_config, self.output_dir, self.total_steps)
+        self.termination = TerminationRequest()
+
+    # What a family provides.
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns its metrics."""
+        raise NotImplementedError
+
+    def write_checkpoint(self, directory: Path) -> dict:
+        """Collective: write this family's state into `directory`; return what trainer_state.json adds."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, path: Path, record: dict) -> None:
+        """Restore the state `write_checkpoint` wrote (record: the checkpoint's trainer_state.json)."""
+        raise NotImplementedError
+
+    def export(self) -> dict:
+        """The merged outputs after training (collective)."""
+        raise NotImplementedError
+
+    def eval_mode_names(self) -> list[str]:
+        """The names of the evaluations run at each eval (eval/<name>/loss)."""
+        raise NotImplementedError
+
+    def eval_sums(self, batch: dict, rows: list[int], mode: str) -> tuple[int, float]:
+        """(target tokens, summed cross-entropy) of one evaluation batch of eval-set `rows` in `mode`."""
+        raise NotImplementedError
+
+    def verify(self) -> None:
+        """Checks before the final checkpoint (collective)."""
+
+    # Shared by every method.
+    def batch(self, rows: list[int], data) -> dict:
+        return {k: v.to(self.base.device) for k, v in collate([data[i] for i in rows],
+                                                               self.tokenizer.pad_token_id).items()}
+
+    def step_rows(self, micro: int) -> list[int]:
+        return self.sampler.rows(self.step, micro, distributed.rank())
+
+    def seed_step(self) -> None:
+        torch.manual_seed(step_seed(self.seed, self.step, distributed.rank()))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-mean eval loss per mode; the eval set is split across ranks and the sums all-reduced."""
+        if self.eval_data is None:
+            return {}
+        rank, world = distributed.rank(), distributed.world_size()
+        batch_size = self.args.per_device_eval_batch_size or self.plan.micro_batch
+        mine = list(range(rank, len(self.eval_data), world))
+        batches = math.ceil(math.ceil(len(self.eval_data) / world) / batch_size)
+        self.model.eval()
+        metrics = {}
+        for mode in self.eval_mode_names():
+            sums = torch.zeros(2, dtype=torch.float64)
+            for b in range(batches):
+                rows = mine[b * batch_size:(b + 1) * batch_size]
+                # Under ZeRO-3 every rank must run the same number of forwards: a rank out of rows runs a
+                # batch that counts no token.
+                keys = rows or [0]
+                batch = self.batch(keys, self.eval_data)
+                if not rows:
+                    batch["labels"].fill_(-100)
+                sums += torch.tensor(self.eval_sums(batch, keys, mode), dtype=torch.float64)
+            sums = distributed.all_reduce_sum(sums).cpu()
+            loss = sums[1].item() / max(sums[0].item(), 1.0)
+            metrics[f"eval/{mode}/loss"] = loss
+            metrics[f"eval/{mode}/perplexity"] = math.exp(min(loss, 50.0))
+        return metrics
+
+    def extra_metrics(self) -> dict:
+        """Method-specific scalars added at each logging step."""
+        return {}
+
+    def save(self) -> None:
+        """Collective: OUTPUT_DIR/checkpoints/step-N, published atomically the same way for every family."""
+        state = TrainerState(step=self.step, routing_seed=self.seed, consumed_examples=self.step * self.plan.global_batch)
+        path = save_checkpoint(self.output_dir, state, self.write_checkpoint, self.args.save_total_limit)
+        logger.info("saved checkpoint %s", path)
+
+    def resume(self) -> None:
+        """--resume_from_checkpoint: refuse a checkpoint of another seed or batch plan, then restore it."""
+        path = find_resume_checkpoint(self.output_dir, self.args.resume_from_checkpoint)
+        if path is None:
+            if self.args.resume_from_checkpoint == "auto":
+                logger.info("no checkpoint under %s; starting from step 0", self.output_dir)
+            return
+        state, record = read_trainer_state(path)
+        state.check_continues(path, self.seed, self.plan.global_batch)
+        self.load_checkpoint(path, record)
+        self.step = state.step
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _log(self, metrics: dict) -> None:
+        self.history.append({"step": self.step, **metrics})
+        self.monitor.log(self.step, metrics)
+
+    def run(self) -> dict:
+        args = self.args
+        self.resume()
+        self.monitor.resumed_at(self.step)
+        if distributed.is_main():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.monitor.hyperparameters(self._configuration())
+        if self.step == 0 and args.eval_steps > 0:
+            self._log(self.evaluate())
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            metrics["perf/peak_memory_gb"] = peak_memory_gb()
+            self.step += 1
+            self.monitor.step_done(self.step, metrics)
+            if self.step % max(args.logging_steps, 1) == 0 or self.step == self.total_steps:
+                self._log({**metrics, **self.extra_metrics()})
+            if self.termination.agreed():
+                self.save()
+                self.close()
+                raise TrainingInterrupted(f"stopped by SIGTERM after step {self.step}; checkpoint saved under "
+                                          f"{self.output_dir / 'checkpoints'}; continue with "
+                                          "--resume_from_checkpoint auto")
+            if args.eval_steps > 0 and self.step % args.eval_steps == 0 and self.step < self.total_steps:
+                self._log(self.evaluate())
+            if args.save_steps > 0 and self.step % args.save_steps == 0 and self.step < self.total_steps:
+                self.save()
+        final = self.evaluate()
+        if final:
+            self._log(final)
+        self.verify()
+        self.save()
+        merged = self.export() if args.merge_at_end else {}
+        samples = self.write_samples()
+        summary = {"final_step": self.step, "final_eval": final, "merged": merged, "samples": samples,
+                   "parameters": self.parameter_count.to_dict()}
+        self._write_run_json(summary)
+        self.close()
+        self._report_outputs(merged)
+        return summary
+
+    def write_samples(self) -> list[dict]:
+        """Greedy generations for the first --num_samples held-out prompts (every rank generates together)."""
+        if self.args.num_samples <= 0 or self.eval_data is None:
+            return []
+        self.model.eval()
+        rows = [prompt_of(self.eval_data[i]) for i in range(min(self.args.num_samples, len(self.eval_data)))]
+        config = GenerationConfig(max_new_tokens=self.args.sample_max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        texts = complete(self.model, self.tokenizer, [p for p, _ in rows], config,
+                         synced=distributed.world_size() > 1)
+        decode = self.tokenizer.decode
+        samples = [{"prompt": decode(p, skip_special_tokens=True), "reference": decode(r, skip_special_tokens=True),
+                    "generated": text} for (p, r), text in zip(rows, texts)]
+        if distributed.is_main():
+            path = self.output_dir / "samples.jsonl"
+            path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+            for sample in samples:
+                logger.info("sample: %s\n  generated: %s\n  reference: %s", sample["prompt"], sample["generated"],
+                            sample["reference"])
+        return samples
+
+    def _report_outputs(self, merged: dict) -> None:
+        lines = [f"checkpoints: {self.output_dir / 'checkpoints'}"]
+        if self.monitor.log_dir is not None:
+            lines.append(f"tensorboard: {self.monitor.log_dir}  (tensorboard --logdir {self.monitor.log_dir})")
+        lines += [f"merged {kind}: {path}" for kind, path in merged.items()]
+        if self.args.num_samples > 0 and self.eval_data is not None:
+            lines.append(f"samples: {self.output_dir / 'samples.jsonl'}")
+        lines.append(f"run record: {self.output_dir / 'run.json'}")
+        logger.info("outputs:\n  %s", "\n  ".join(lines))
+
+    def close(self) -> None:
+        self.monitor.close()
+
+    def _partition(self) -> dict:
+        """Elements of each base weight held by this rank (ceil(numel / W) under ZeRO-3)."""
+        return {
+            name: (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel())
+            for name, p in self.model.named_parameters()
+        }
+
+    def _configuration(self) -> dict:
+        """The resolved configuration of this run (run.json and TensorBoard's hyper-parameters)."""
+        return {
+            "arguments": {"model": asdict(self.model_args), "data": asdict(self.data_args),
+                          "mixture": self.mixture_config.to_dict(), "train": asdict(self.args)},
+            "deepspeed_config": self.ds_config,
+            "batch": asdict(self.plan) | {"global_batch": self.plan.global_batch},
+            "routing_seed": self.seed,
+        }
+
+    def _write_run_json(self, summary: dict) -> None:
+        if not distributed.is_main():
+            return
+        import deepspeed
+        import transformers
+
+        from ..version import __version__
+
+
+        record = {
+            **self._configuration(),
+            "base_partition": {"world_size": distributed.world_size(), "zero_stage": self.base.stage,
+                               "rank0_numel": self._partition()},
+            "versions": {"adamix_ds": __version__, "torch": torch.__version__,
+                         "deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
+            "history": self.history,
+            **summary,
+        }
+        (self.output_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+
