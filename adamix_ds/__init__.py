@@ -8,18 +8,21 @@ from .methods.adamix.merging import average_experts, fold_into_base, merge_exper
 from .methods.adamix.mixture_adapter import MixtureAdapter
 from .methods.adamix.mixture_lora import MixtureLoRA
 from .methods.adamix.mixture_set import MixtureSet
-from .methods.adamix.stochastic_routing import RoutePlan, Router
-from .methods.registry import inject_mixtures
+from .methods.adamix.stochastic_routing import RoutePlan, StochasticRouter
+from .methods.registry import inject_mixtures, resolve_targets
 from .methods.routed.moa_set import MoASet
 from .methods.routed.moe_lora_set import MoELoRASet
 from .methods.routed.token_router import TokenRouter
-from .methods.targets import resolve_targets
 from .training.losses import LossSums, causal_lm_losses, token_losses
 from .version import __version__
 
+Router = StochasticRouter
+"""AdaMix's stochastic router under its earlier name, kept for code that imports it."""
+
 __all__ = [
-    "__version__", "CheckpointMismatch", "ConfigError", "LossSums", "MixtureAdapter", "MixtureConfig", "MixtureLoRA",
-    "MixtureSet", "MoASet", "MoELoRASet", "ParameterCount", "TokenRouter", "inject_mixtures", "RoutePlan", "Router", "average_experts", "causal_lm_losses",
-    "count_parameters", "export_peft_adapter", "fold_into_base", "load_mixtures", "merge_experts",
-    "resolve_targets", "save_mixtures", "token_losses", "unfold_from_base",
+    "CheckpointMismatch", "ConfigError", "LossSums", "MixtureAdapter", "MixtureConfig", "MixtureLoRA", "MixtureSet",
+    "MoASet", "MoELoRASet", "ParameterCount", "RoutePlan", "Router", "StochasticRouter", "TokenRouter", "__version__",
+    "average_experts", "causal_lm_losses", "count_parameters", "export_peft_adapter", "fold_into_base",
+    "inject_mixtures", "load_mixtures", "merge_experts", "resolve_targets", "save_mixtures", "token_losses",
+    "unfold_from_base",
 ]

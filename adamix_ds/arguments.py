@@ -15,7 +15,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from .config import ConfigError, MixtureConfig
+from .config import METHODS, ConfigError, MixtureConfig
 
 
 @dataclass
@@ -157,8 +157,10 @@ def parse_arguments(argv: list[str] | None = None):
         unknown = sorted(set(values) - options)
         if unknown:
             raise ConfigError(f"--config {path}: unknown options {unknown}")
-        if path == DEFAULT_RUN and not known.method.startswith("adamix-"):
-            values.pop("consistency_weight", None)  # the embedded default's AdaMix setting; other methods lack it
+        method = METHODS.get(known.method)
+        if path == DEFAULT_RUN and (method is None or method.num_experts == 1
+                                    or "consistency_weight" not in method.train_options):
+            values.pop("consistency_weight", None)  # the embedded default's AdaMix setting (two routes of M experts)
         parser.set_defaults(**values)
     *dataclasses_, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
     return tuple(dataclasses_[: len(ARGUMENT_CLASSES)])

@@ -1,4 +1,9 @@
-"""`MixtureConfig`: the one description of a mixture, shared by the CLI, checkpoints and validation."""
+"""`MixtureConfig`: the one description of a mixture, shared by the CLI, checkpoints and validation, and
+`METHODS`: the one table of what each --method is.
+
+Every other layer looks a method's facts up through it: its family picks the trainer (training/recipe.py)
+and the export (export/merged_model.py), its kind of experts the mixture class (methods/registry.py).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,68 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-LORA_METHODS = ("adamix-lora", "lora")
-ADAPTER_METHODS = ("adamix-adapter", "adapter")
-MOA_METHODS = ("moa-soft", "moa-sparse")
-HOMOGENEOUS_METHODS = ("molora", "hydralora", "topk-lora")
-ROUTED_METHODS = MOA_METHODS + HOMOGENEOUS_METHODS
-MIXTURE_METHODS = LORA_METHODS + ADAPTER_METHODS
-FULL = "full"
-METHODS = MIXTURE_METHODS + ROUTED_METHODS + (FULL,)
+ADAMIX, ROUTED, FULL = "adamix", "routed", "full"
+"""Families: stochastic routing merged by averaging (AdaMix and its one-expert baselines), learned per-token
+routers (MoA, MoE-LoRA), and every base weight trained (the upper baseline)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """What one --method is. Defaults apply to options the user leaves unset (all four are resolved for every
+    method, so checkpoints record them the same way)."""
+
+    family: str
+    experts: str
+    """lora, adapter (AdaMix's stacked experts), moa (heterogeneous experts per layer), routed-lora (a routed LoRA
+    per projection) or none."""
+    num_experts: Optional[int]
+    """M by default; None where --moa_experts lists them."""
+    lora_r: int = 4
+    lora_alpha: float = 32.0
+    adapter_size: int = 8
+    adapter_activation: str = "gelu"
+    options: tuple[str, ...] = ()
+    """Method-specific options it takes; every other one must keep its default."""
+    merges_into: Optional[str] = None
+    """The one-expert method that averaging its experts produces (AdaMix merging); None when it cannot merge."""
+    gate: Optional[str] = None
+    """The learned router's gate (methods/routed/token_router.py): sigmoid, threshold, softmax or topk."""
+    shared_a: bool = False
+    """routed-lora: one LoRA A shared by every expert (HydraLoRA)."""
+    train_options: tuple[str, ...] = ()
+    """Training options (TrainArguments) that only this method's family takes."""
+
+
+ADAMIX_TRAINING = ("consistency_weight", "check_routes_every", "save_routes", "eval_modes")
+"""Training options of AdaMix's stochastic routing (consistency between two routes, route checks and logs, the
+routings evaluated)."""
+_LORA = ("target_modules",)
+_ADAMIX = dict(train_options=ADAMIX_TRAINING)
+_MOA = dict(experts="moa", num_experts=None, lora_r=8, lora_alpha=8.0, adapter_size=16, adapter_activation="silu")
+_HOMOGENEOUS = dict(experts="routed-lora", num_experts=8, lora_r=8, lora_alpha=8.0)
+METHODS: dict[str, Method] = {
+    "adamix-lora": Method(ADAMIX, "lora", 4, options=("share", *_LORA), merges_into="lora", **_ADAMIX),
+    "adamix-adapter": Method(ADAMIX, "adapter", 4, options=("share", "adapter_after_attention"), merges_into="adapter",
+                             **_ADAMIX),
+    "lora": Method(ADAMIX, "lora", 1, options=_LORA, merges_into="lora", **_ADAMIX),
+    "adapter": Method(ADAMIX, "adapter", 1, options=("adapter_after_attention",), merges_into="adapter", **_ADAMIX),
+    "moa-soft": Method(ROUTED, **_MOA, options=("moa_experts", "router_type", "prompt_length"), gate="sigmoid"),
+    "moa-sparse": Method(ROUTED, **_MOA, options=("moa_experts", "router_type", "max_threshold"), gate="threshold"),
+    "molora": Method(ROUTED, **_HOMOGENEOUS, options=("router_type", *_LORA), gate="softmax"),
+    "hydralora": Method(ROUTED, **_HOMOGENEOUS, options=("router_type", *_LORA), gate="softmax", shared_a=True),
+    "topk-lora": Method(ROUTED, **_HOMOGENEOUS, options=("router_type", "top_k", "aux_loss_weight", *_LORA),
+                        gate="topk"),
+    "full": Method(FULL, "none", 1),
+}
 MOA_EXPERTS = ("q", "k", "v", "o", "down", "adapter", "prompt")
 ROUTER_TYPES = ("linear", "swiglu")
 SHARE_CHOICES = ("up", "down", "none")
 EVAL_MODES = ("merged", "random", "ensemble")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+
+
+def methods_taking(option: str) -> list[str]:
+    return [name for name, method in METHODS.items() if option in method.options]
 
 
 class ConfigError(ValueError):
@@ -102,40 +156,37 @@ class MixtureConfig:
             raise _bad("method", self.method, f"one of {', '.join(METHODS)}")
         if self.eval_mode not in EVAL_MODES:
             raise _bad("eval_mode", self.eval_mode, f"one of {', '.join(EVAL_MODES)}")
-        if self.method == FULL:
+        spec = self.spec
+        if spec.family == FULL:
             if self.num_experts not in (None, 1):
                 raise _bad("num_experts", self.num_experts, "unset or 1 for --method full (no mixture)")
             self.num_experts = 1
             return
-        routed, moa = self.is_routed, self.method in MOA_METHODS
-        self._default("lora_r", 8 if routed else 4)
-        self._default("lora_alpha", 8.0 if routed else 32.0)
-        self._default("adapter_size", 16 if moa else 8)
-        self._default("adapter_activation", "silu" if moa else "gelu")
-        if moa:
+        for name in ("lora_r", "lora_alpha", "adapter_size", "adapter_activation"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(spec, name))
+        if spec.experts == "moa":
             self._check_moa()
         else:
-            self._only_for("moa_experts", self.moa_experts, None, "moa-soft and moa-sparse")
+            self._only_for("moa_experts", None)
         if self.num_experts is None:
-            self.num_experts = 8 if self.method in HOMOGENEOUS_METHODS else 4 if self.method.startswith("adamix-") else 1
+            self.num_experts = spec.num_experts
         if self.num_experts < 1:
             raise _bad("num_experts", self.num_experts, "an integer >= 1")
-        if self.method in ("lora", "adapter") and self.num_experts != 1:
+        if spec.num_experts == 1 and self.num_experts != 1:
             raise _bad("num_experts", self.num_experts, f"1 for --method {self.method}; use adamix-{self.method}")
-        if self.method in HOMOGENEOUS_METHODS and self.num_experts < 2:
+        if spec.experts == "routed-lora" and self.num_experts < 2:
             raise _bad("num_experts", self.num_experts, f"at least 2 for --method {self.method} (a router needs a choice)")
         if self.share not in SHARE_CHOICES:
             raise _bad("share", self.share, f"one of {', '.join(SHARE_CHOICES)}")
-        if (self.method in ("lora", "adapter") or routed) and self.share != "up":
+        if self.share != "up" and "share" not in spec.options:
             raise _bad("share", self.share, f"only with adamix-* methods (--method {self.method} shares nothing)")
         if self.router_type not in ROUTER_TYPES:
             raise _bad("router_type", self.router_type, f"one of {', '.join(ROUTER_TYPES)}")
-        self._only_for("top_k", self.top_k, 2, "topk-lora", self.method == "topk-lora")
-        self._only_for("max_threshold", self.max_threshold, 0.5, "moa-sparse", self.method == "moa-sparse")
-        self._only_for("prompt_length", self.prompt_length, 10, "moa-soft", self.method == "moa-soft")
-        self._only_for("router_type", self.router_type, "linear", "routed methods", routed)
-        self._only_for("aux_loss_weight", self.aux_loss_weight, None, "topk-lora", self.method == "topk-lora")
-        if self.method == "topk-lora":
+        for name, default in (("top_k", 2), ("max_threshold", 0.5), ("prompt_length", 10), ("router_type", "linear"),
+                              ("aux_loss_weight", None), ("adapter_after_attention", False)):
+            self._only_for(name, default)
+        if "aux_loss_weight" in spec.options:
             if self.aux_loss_weight is None:
                 self.aux_loss_weight = 0.01
             if not 1 <= self.top_k < self.num_experts:
@@ -146,42 +197,41 @@ class MixtureConfig:
             raise _bad("max_threshold", self.max_threshold, "a number in (0, 1]")
         if self.prompt_length < 1:
             raise _bad("prompt_length", self.prompt_length, "an integer >= 1")
-        if self.is_lora or routed:
+        if spec.experts != "adapter":
             if self.lora_r <= 0:
                 raise _bad("lora_r", self.lora_r, "an integer > 0")
             if self.lora_alpha <= 0:
                 raise _bad("lora_alpha", self.lora_alpha, "a number > 0")
             if not 0.0 <= self.lora_dropout < 1.0:
                 raise _bad("lora_dropout", self.lora_dropout, "a probability in [0, 1)")
-        if not self.is_lora and self.method not in HOMOGENEOUS_METHODS and self.target_modules is not None:
-            allowed = f"LoRA methods ({', '.join(LORA_METHODS + HOMOGENEOUS_METHODS)})"
+        if self.target_modules is not None and "target_modules" not in spec.options:
+            allowed = f"LoRA methods ({', '.join(methods_taking('target_modules'))})"
             raise _bad("target_modules", self.target_modules, f"only for {allowed}" +
-                       ("; moa-* choose experts with --moa_experts" if moa else ""))
-        if not self.is_lora:
+                       ("; moa-* choose experts with --moa_experts" if spec.experts == "moa" else ""))
+        if spec.experts != "lora":
             if self.adapter_size <= 0:
                 raise _bad("adapter_size", self.adapter_size, "an integer > 0")
             if self.adapter_activation not in ACTIVATIONS:
                 raise _bad("adapter_activation", self.adapter_activation, f"one of {', '.join(ACTIVATIONS)}")
 
-    def _default(self, name: str, value) -> None:
-        if getattr(self, name) is None:
-            setattr(self, name, value)
-
-    def _only_for(self, name: str, value, default, methods: str, applies: bool = False) -> None:
-        if not applies and value != default:
-            raise _bad(name, value, f"only with {methods} (not --method {self.method})")
+    def _only_for(self, name: str, default) -> None:
+        """An option the method does not take must keep its default."""
+        value = getattr(self, name)
+        if name not in self.spec.options and value != default:
+            raise _bad(name, value, f"only with {', '.join(methods_taking(name))} (not --method {self.method})")
 
     def _check_moa(self) -> None:
         if self.moa_experts is None:
-            default = MOA_EXPERTS if self.method == "moa-soft" else MOA_EXPERTS[:-1]
+            default = MOA_EXPERTS if "prompt_length" in self.spec.options else MOA_EXPERTS[:-1]
             self.moa_experts = ",".join(default)
         names = [e.strip() for e in self.moa_experts.split(",") if e.strip()]
         unknown = [e for e in names if e not in MOA_EXPERTS]
         if unknown or not names or len(set(names)) != len(names):
             raise _bad("moa_experts", self.moa_experts, f"distinct names from {', '.join(MOA_EXPERTS)}")
-        if self.method == "moa-sparse" and "prompt" in names:
-            raise _bad("moa_experts", self.moa_experts, "no prompt expert with moa-sparse (its attention prompt runs "
-                                                        "on every token; the sparse variant leaves it out, as MoA does)")
+        if "prompt" in names and "prompt_length" not in self.spec.options:
+            raise _bad("moa_experts", self.moa_experts, f"no prompt expert with {self.method} (its attention prompt "
+                                                        "runs on every token; the sparse variant leaves it out, as MoA "
+                                                        "does)")
         if len(names) < 2:
             raise _bad("moa_experts", self.moa_experts, "at least two experts (a router needs a choice)")
         self.moa_experts = ",".join(e for e in MOA_EXPERTS if e in names)
@@ -196,23 +246,19 @@ class MixtureConfig:
         return self.moa_experts.split(",") if self.moa_experts else []
 
     @property
-    def family(self) -> str:
-        """adamix (AdaMix and the single-module baselines), routed (learned token routers) or full."""
-        return "full" if self.is_full else "routed" if self.is_routed else "adamix"
+    def spec(self) -> Method:
+        """This method's row of METHODS."""
+        return METHODS[self.method]
 
     @property
-    def is_full(self) -> bool:
-        return self.method == FULL
+    def family(self) -> str:
+        """adamix (AdaMix and the single-module baselines), routed (learned token routers) or full."""
+        return self.spec.family
 
     @property
     def is_lora(self) -> bool:
-        """AdaMix-LoRA or plain LoRA (mergeable into the base weights)."""
-        return self.method in LORA_METHODS
-
-    @property
-    def is_routed(self) -> bool:
-        """Experts gated per token by a learned router (MoA and the homogeneous MoE-LoRA baselines)."""
-        return self.method in ROUTED_METHODS
+        """Its experts are LoRA deltas (they fold into the base weights and export to PEFT)."""
+        return self.spec.experts == "lora"
 
     @property
     def aux_weight(self) -> float:
@@ -246,7 +292,6 @@ class MixtureConfig:
 
     def merged(self) -> "MixtureConfig":
         """The configuration of the single module that averaging the experts produces."""
-        if self.is_routed:
+        if self.spec.merges_into is None:
             raise ValueError(f"--method {self.method} has input-dependent routers: its experts cannot be averaged")
-        single = {"adamix-lora": "lora", "adamix-adapter": "adapter"}.get(self.method, self.method)
-        return dataclasses.replace(self, method=single, num_experts=1, share="up")
+        return dataclasses.replace(self, method=self.spec.merges_into, num_experts=1, share="up")

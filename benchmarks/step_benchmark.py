@@ -95,7 +95,7 @@ class MixtureRow:
         self.mixtures.detach()
 
     def step(self, ids: torch.Tensor) -> None:
-        router = getattr(self.mixtures, "router", None)
+        router = self.mixtures.router if self.mixtures.config.family == "adamix" else None
         if router is not None:
             router.step = self.step_index
         self.model.train()

@@ -62,8 +62,7 @@ def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
         tokenizer = load_tokenizer(model_args)
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_args.loading_options())
         mixtures = load_mixtures(model, path)
-        if hasattr(mixtures, "router"):
-            mixtures.router.set_eval_mode(args.eval_mode)
+        mixtures.set_eval_mode(args.eval_mode)
     else:
         raise ConfigError(f"--model_path {path}: neither a merged model (config.json) nor a mixture checkpoint "
                           f"({CONFIG_NAME})")

@@ -14,7 +14,7 @@ from ..config import ConfigError
 from ..data.tokenizer import load_tokenizer
 from ..distributed.ds_config import load_ds_config, resolve_ds_config
 from ..distributed.sharded_base import load_base
-from .merged_model import merge_and_export
+from .merged_model import export_mixtures
 from .mixture_checkpoint import load_mixtures
 
 logger = logging.getLogger("adamix_ds")
@@ -55,6 +55,6 @@ def _merge(model_args: ModelArguments, args: MergeArguments) -> dict[str, str]:
                                      steps_for=lambda plan: 1)
     base = load_base(model_args, ds_config, vocab_size=len(tokenizer), seed=args.seed)
     mixtures = load_mixtures(base.model, args.checkpoint).to(base.device)
-    out = merge_and_export(base.model, mixtures, Path(args.output_dir), tokenizer, model_args.model_name_or_path)
+    out = export_mixtures(base.model, mixtures, Path(args.output_dir), tokenizer, model_args.model_name_or_path)
     logger.info("merged outputs: %s", out)
     return out

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import distributed
+from ..config import ADAMIX, ROUTED
 from ..distributed.sharded import full_numel, gathered
 from ..methods.adamix.merging import merge_experts
 from ..methods.adamix.mixture_set import MixtureSet
@@ -104,8 +105,10 @@ def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenize
     return directory
 
 
-def export_with_mixtures(model: nn.Module, mixtures: HookedMixtures, output_dir: Path, tokenizer=None) -> dict[str, str]:
-    """Collective: the base model and the whole mixture (routers and every expert) in merged/model."""
+def export_with_mixtures(model: nn.Module, mixtures: HookedMixtures, output_dir: Path, tokenizer=None,
+                         base_model_name_or_path: str | None = None) -> dict[str, str]:
+    """Collective: the base model and the whole mixture (routers and every expert) in merged/model (the base is
+    written there whole, so its name is not needed)."""
     distributed.check_replicas_agree([p for _, p in mixtures.named_tensors()], "mixture weights")
     model_dir = write_merged_model(model, {}, Path(output_dir) / "merged" / "model", tokenizer)
     if distributed.is_main():
@@ -117,8 +120,6 @@ def export_with_mixtures(model: nn.Module, mixtures: HookedMixtures, output_dir:
 def merge_and_export(model: nn.Module, mixtures: HookedMixtures, output_dir: Path, tokenizer=None,
                      base_model_name_or_path: str | None = None) -> dict[str, str]:
     """Collective: check the replicas agree, average the experts, write merged/adapter and merged/model."""
-    if mixtures.config.is_routed:
-        return export_with_mixtures(model, mixtures, output_dir, tokenizer)
     distributed.check_replicas_agree([p for _, p in mixtures.named_tensors()], "mixture weights")
     merged = merge_experts(mixtures)
     out = {}
@@ -137,3 +138,13 @@ def merge_and_export(model: nn.Module, mixtures: HookedMixtures, output_dir: Pat
                     "serve base + merged/adapter")
     distributed.barrier()
     return out
+
+
+EXPORTS = {ADAMIX: merge_and_export, ROUTED: export_with_mixtures}
+"""What each family of mixtures leaves after training (config.METHODS says which family a method is)."""
+
+
+def export_mixtures(model: nn.Module, mixtures: HookedMixtures, output_dir: Path, tokenizer=None,
+                    base_model_name_or_path: str | None = None) -> dict[str, str]:
+    """Collective: the export of the mixtures' family."""
+    return EXPORTS[mixtures.config.family](model, mixtures, output_dir, tokenizer, base_model_name_or_path)

@@ -39,14 +39,9 @@ class ParameterCount:
 
 
 def count_parameters(model: nn.Module, mixtures: HookedMixtures) -> ParameterCount:
-    """Counts from shapes (ZeRO-3 aware). AdaMix serves each stacked tensor's size divided by its expert
-    count (the experts merge); the routed methods serve everything they train."""
+    """Counts from shapes (ZeRO-3 aware); what is served after merging is the family's to say."""
     base = sum(full_numel(p) for p in model.parameters())
     trained = sum(p.numel() for p in mixtures.parameters() if p.requires_grad)
-    if mixtures.config.is_routed:
-        served = trained  # input-dependent routers: every expert and router is served
-    else:
-        served = sum(p.numel() // p.shape[0] for p in mixtures.parameters())
-    count = ParameterCount(base=base, trained=trained, served=served)
+    count = ParameterCount(base=base, trained=trained, served=mixtures.served_parameters())
     logger.info(count.summary())
     return count

@@ -13,7 +13,7 @@ from typing import ClassVar, Iterator
 import torch
 from torch import nn
 
-from ..config import MixtureConfig
+from ..config import ConfigError, MixtureConfig
 from .targets import Target
 
 
@@ -92,6 +92,17 @@ class HookedMixtures(nn.Module):
 
     def target_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_tensors()}
+
+    def set_eval_mode(self, mode: str) -> None:
+        """How the experts combine outside training. Learned routers combine them one way, their own ("merged",
+        the default of --eval_mode, names it); AdaMix's stochastic routing has more."""
+        if mode != "merged":
+            raise ConfigError(f"--eval_mode={mode!r} is not allowed with --method {self.config.method}: its learned "
+                              "routers decide how the experts combine")
+
+    def served_parameters(self) -> int:
+        """Parameters a user serves after training: every expert and router, where routing depends on the input."""
+        return sum(p.numel() for p in self.parameters())
 
 
 class TargetMixtures(HookedMixtures):

@@ -148,15 +148,6 @@ def resolve_routed_targets(model: nn.Module, config: MixtureConfig) -> list[Targ
     return targets
 
 
-def resolve_targets(model: nn.Module, config: MixtureConfig) -> list[Target]:
-    """Insertion points for the configured method, in module order (their index is the routing slot)."""
-    if config.is_routed:
-        from .decoder_layout import decoder_layers
-
-        return decoder_layers(model) if config.method.startswith("moa-") else resolve_routed_targets(model, config)
-    return resolve_lora_targets(model, config) if config.is_lora else resolve_adapter_targets(model, config)
-
-
 def layer_of(target_name: str) -> str:
     """The decoder-layer index in a module name ('model.layers.3.self_attn.q_proj' -> '3'), else 'other'."""
     match = _LAYER_INDEX.search(target_name)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             name, _, path = item.partition("=")
             start = time.perf_counter()
             metrics, predictions = score_split(model, tokenizer, args.task, Path(path), args.max_new_tokens,
-                                               args.batch_size, router=getattr(mixtures, "router", None))
+                                               args.batch_size, router=mixtures.router if mode == "random" else None)
             scores[f"{mode}/{name}"] = {**metrics, "examples": len(predictions),
                                         "seconds": time.perf_counter() - start}
             (args.run_dir / f"predictions-{mode}-{name}.jsonl").write_text(

@@ -3,7 +3,7 @@
 What the family adds to ReplicatedTrainer: every expert choice derives from (broadcast seed, step), set
 on the stochastic router before each micro-batch; with a consistency weight the micro-batch runs as one
 forward of the doubled batch under two routes (AdaMix, Eq. 4); routes can be compared across ranks and
-written out; evaluation runs each --eval_modes routing; the export averages the experts into one module.
+written out; evaluation runs each --eval_modes routing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import torch
 
 from .. import distributed
-from ..export.merged_model import merge_and_export
 from ..methods.adamix.expert_diagnostics import expert_divergence, selection_counts
 from ..methods.adamix.stochastic_routing import RoutePlan
 from .losses import causal_lm_losses
@@ -93,10 +92,6 @@ class AdaMixTrainer(ReplicatedTrainer):
             yield
         finally:
             self.router.set_eval_mode(saved)
-
-    def export(self) -> dict:
-        return merge_and_export(self.model, self.mixtures, self.output_dir, self.tokenizer,
-                                self.model_args.model_name_or_path)
 
     def close(self) -> None:
         super().close()

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from ..data.labels import IGNORE_INDEX
 from ..distributed.sharded import gathered
-from ..methods.adamix.stochastic_routing import Router
+from ..methods.adamix.stochastic_routing import StochasticRouter
 
 
 @dataclass
@@ -145,7 +145,7 @@ def causal_lm_losses(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    router: Router | None = None,
+    router: StochasticRouter | None = None,
     consistency: bool = False,
     chunk_tokens: int = 1024,
 ) -> LossSums:

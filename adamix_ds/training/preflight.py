@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..arguments import ModelArguments
+from ..arguments import ModelArguments, TrainArguments
 from ..builtin_models import builtin_config, is_builtin
-from ..config import EVAL_MODES, ConfigError, MixtureConfig
+from ..config import EVAL_MODES, METHODS, ConfigError, MixtureConfig
 from ..distributed.sharded_base import require_activation_checkpointing
-from ..methods.targets import resolve_targets
+from ..methods.registry import resolve_targets
 
 DEEPSPEED_KEYS = frozenset("""
 train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16 bfloat16
@@ -50,26 +50,28 @@ def check_output_dir(output_dir: str) -> None:
         raise ConfigError(f"--output_dir {output_dir}: not writable ({error.strerror or error})") from None
 
 
-def check_method_options(mixture: MixtureConfig, args) -> None:
-    """Options of AdaMix's stochastic routing make no sense with learned per-token routers."""
-    if not mixture.is_routed:
-        return
-    for option, default in (("consistency_weight", 0.0), ("check_routes_every", 0), ("save_routes", False)):
+def _refuse_foreign_option(mixture: MixtureConfig, option: str, value) -> None:
+    takers = [name for name, method in METHODS.items() if option in method.train_options]
+    raise ConfigError(f"--{option}={value!r} is not allowed with --method {mixture.method}: it belongs to AdaMix's "
+                      f"stochastic routing ({', '.join(takers)}); this method has no routes to draw")
+
+
+def check_method_options(mixture: MixtureConfig, args: TrainArguments) -> None:
+    """Training options of another family (config.Method.train_options) must keep their defaults."""
+    defaults = TrainArguments()
+    for option in sorted({o for method in METHODS.values() for o in method.train_options}):
         value = getattr(args, option)
-        if value != default:
-            raise ConfigError(f"--{option}={value!r} is not allowed with --method {mixture.method}: it belongs to "
-                              "AdaMix's stochastic routing (the routed methods learn per-token routers)")
+        if option not in mixture.spec.train_options and value != getattr(defaults, option):
+            _refuse_foreign_option(mixture, option, value)
 
 
 def resolve_eval_modes(mixture: MixtureConfig, eval_modes: str | None) -> list[str]:
     """The routing modes evaluated at each eval of a stochastically routed mixture: merged weights (AdaMix,
     Sec. 3.3), a random expert per example, or the experts' average output. With one expert every mode is the
-    same model, so it is evaluated once."""
-    if mixture.is_routed or mixture.is_full:
+    same model, so it is evaluated once. Other families have none (their trainers evaluate the model as trained)."""
+    if "eval_modes" not in mixture.spec.train_options:
         if eval_modes is not None:
-            what = "the model itself" if mixture.is_full else "their learned routers (eval/routed/loss)"
-            raise ConfigError(f"--eval_modes={eval_modes!r} is not allowed with --method {mixture.method}: it "
-                              f"chooses AdaMix's routing at evaluation, and this method evaluates {what}")
+            _refuse_foreign_option(mixture, "eval_modes", eval_modes)
         return []
     if eval_modes is None:
         return ["merged", "random"] if mixture.num_experts > 1 else ["merged"]
@@ -102,5 +104,5 @@ def check_model(model_args: ModelArguments, mixture: MixtureConfig, gradient_che
         raise ConfigError(f"--attn_implementation={model_args.attn_implementation!r}: {error}") from None
     if gradient_checkpointing:
         require_activation_checkpointing(model)
-    if not mixture.is_full:
+    if mixture.spec.experts != "none":
         resolve_targets(model, mixture)

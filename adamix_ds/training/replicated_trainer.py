@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
+from ..export.merged_model import export_mixtures
 from ..methods.accounting import count_parameters
 from ..methods.registry import inject_mixtures
 from .checkpoints import load_replicated_state, write_replicated_state
@@ -134,3 +135,8 @@ class ReplicatedTrainer(Trainer):
 
     def verify(self) -> None:
         distributed.check_replicas_agree(self._replicated_state(), "mixture weights or optimizer states")
+
+    def export(self) -> dict:
+        """The family's export (AdaMix: the experts averaged into one module; routed: base and whole mixture)."""
+        return export_mixtures(self.model, self.mixtures, self.output_dir, self.tokenizer,
+                               self.model_args.model_name_or_path)

@@ -2,15 +2,13 @@
 
 What the family adds to ReplicatedTrainer: routing is learned and per token, so the routers are trained
 modules like the experts, with no route plan and no consistency loss; topk-lora adds its load-balancing
-loss; the diagnostics are the routers' gates; the export keeps every expert with its router
-(input-dependent routing cannot be averaged into one module).
+loss; the diagnostics are the routers' gates.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..export.merged_model import export_with_mixtures
 from .losses import causal_lm_losses
 from .replicated_trainer import ReplicatedTrainer
 
@@ -51,6 +49,3 @@ class RoutedTrainer(ReplicatedTrainer):
         out = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                chunk_tokens=self.args.loss_chunk_tokens)
         return out.tokens, out.lm.item()
-
-    def export(self) -> dict:
-        return export_with_mixtures(self.model, self.mixtures, self.output_dir, self.tokenizer)

@@ -1,7 +1,7 @@
 """`MixtureSet`: the AdaMix mixtures of one model (and the single-module LoRA/adapter baselines).
 
 Each forward hook adds a mixture's update to the output of the base module it is attached to; the
-experts are chosen by the stochastic `Router` they share (see hooked_mixtures.py for why hooks).
+experts are chosen by the `StochasticRouter` they share (see methods/hooks.py for why hooks).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from torch import nn
 
 from ...config import MixtureConfig
 from ..hooks import TargetMixtures
-from ..targets import Target, resolve_targets
+from ..targets import Target, resolve_adapter_targets, resolve_lora_targets
 from .mixture_adapter import MixtureAdapter
 from .mixture_lora import MixtureLoRA
-from .stochastic_routing import DOWN, UP, Router, Slot
+from .stochastic_routing import DOWN, UP, Slot, StochasticRouter
 
 
 class MixtureSet(TargetMixtures):
@@ -21,7 +21,7 @@ class MixtureSet(TargetMixtures):
 
     def __init__(self, config: MixtureConfig, targets: list[Target], seed: int = 0) -> None:
         super().__init__(config, targets, seed)
-        self.router = Router(seed=seed, eval_mode=config.eval_mode)
+        self.router = StochasticRouter(seed=seed, eval_mode=config.eval_mode)
         self.mixtures = nn.ModuleList(self._build(t) for t in self.targets)
         self.folded = False
         """True while the averaged LoRA delta sits inside the base weights (see merging.fold_into_base)."""
@@ -37,9 +37,7 @@ class MixtureSet(TargetMixtures):
 
     @classmethod
     def locate(cls, model: nn.Module, config: MixtureConfig) -> list[Target]:
-        if config.is_full:
-            raise ValueError("--method full trains the base itself; it has no mixtures to inject")
-        return resolve_targets(model, config)
+        return resolve_lora_targets(model, config) if config.is_lora else resolve_adapter_targets(model, config)
 
     def hooks(self, model: nn.Module, modules: dict[str, nn.Module]) -> list:
         """Hook every mixture onto its target module (and count the decoder's forwards)."""
@@ -76,6 +74,13 @@ class MixtureSet(TargetMixtures):
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
         return add_adapter
+
+    def set_eval_mode(self, mode: str) -> None:
+        self.router.set_eval_mode(mode)
+
+    def served_parameters(self) -> int:
+        """The merged module's: each stacked tensor (M, ...) averages into one (AdaMix, Sec. 3.3)."""
+        return sum(p.numel() // p.shape[0] for p in self.parameters())
 
     def slots(self) -> list[Slot]:
         return [Slot(i, m.experts_down, m.experts_up) for i, m in enumerate(self.mixtures)]

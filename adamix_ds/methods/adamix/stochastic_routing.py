@@ -78,7 +78,7 @@ class RoutePlan:
 
 
 @dataclass
-class Router:
+class StochasticRouter:
     """The routing state all mixtures of one model read.
 
     In training, group g of the batch (rows split into `len(passes)` equal groups) takes the route of

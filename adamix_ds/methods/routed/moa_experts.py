@@ -11,25 +11,19 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..activations import ACTIVATION_FUNCTIONS
+from ..lora import StackedLoRA
 
 
-class LoRAExpert(nn.Module):
-    """(alpha / r) B A x on one frozen projection; B = 0 at start (LoRA, Hu et al., Eq. 3)."""
+class LoRAExpert(StackedLoRA):
+    """(alpha / r) B A x on one frozen projection: a single LoRA expert (lora_A (r, in), lora_B (out, r))."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.scaling = alpha / r
-        self.dropout = dropout
-        self.lora_A = nn.Parameter(torch.empty(r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        super().__init__(in_features, out_features, r, alpha, dropout=dropout, stacked=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
-        return F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        return self.single(self.lora_input(x, self.training), self.lora_A, self.lora_B)
 
 
 class ParallelAdapter(nn.Module):

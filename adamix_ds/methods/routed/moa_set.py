@@ -37,8 +37,7 @@ class MoALayer(nn.Module):
         super().__init__()
         self.spec, self.names, self.stats = spec, config.expert_names, stats
         self.column = {name: i for i, name in enumerate(self.names)}
-        gate = "threshold" if config.method == "moa-sparse" else "sigmoid"
-        self.router = TokenRouter(spec.hidden, len(self.names), gate, config.router_type,
+        self.router = TokenRouter(spec.hidden, len(self.names), config.spec.gate, config.router_type,
                                   max_threshold=config.max_threshold)
         self.experts = nn.ModuleDict()
         for name in self.names:

@@ -8,7 +8,7 @@ from torch import nn
 from ...config import MixtureConfig
 from ..hooks import TargetMixtures
 from ..targets import Target, layer_of, resolve_routed_targets
-from .routed_lora import GATE_OF_METHOD, RoutedLoRA
+from .routed_lora import RoutedLoRA
 from .router_stats import RouterStats
 
 
@@ -21,7 +21,7 @@ class MoELoRASet(TargetMixtures):
         self.expert_labels = [f"expert_{e}" for e in range(config.num_experts)]
         self.mixtures = nn.ModuleList(
             RoutedLoRA(t.in_features, t.out_features, config.lora_r, config.lora_alpha, config.num_experts,
-                       shared_a=config.method == "hydralora", gate=GATE_OF_METHOD[config.method],
+                       shared_a=config.spec.shared_a, gate=config.spec.gate,
                        network=config.router_type, top_k=config.top_k, dropout=config.lora_dropout)
             for t in self.targets
         )

@@ -14,29 +14,20 @@ extra columns, cheaper than a gather and scatter per expert; top-k's zero weight
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 from torch.nn import functional as F
 
+from ..lora import StackedLoRA
 from .token_router import Gates, TokenRouter
 
-GATE_OF_METHOD = {"molora": "softmax", "hydralora": "softmax", "topk-lora": "topk"}
 
-
-class RoutedLoRA(nn.Module):
+class RoutedLoRA(StackedLoRA):
     """lora_A: (1 if shared else M, r, in), lora_B: (M, out, r), router: a TokenRouter over M experts."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, num_experts: int, shared_a: bool,
                  gate: str, network: str = "linear", top_k: int = 2, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.r, self.scaling, self.dropout = r, alpha / r, dropout
+        super().__init__(in_features, out_features, r, alpha, 1 if shared_a else num_experts, num_experts, dropout)
         self.router = TokenRouter(in_features, num_experts, gate, network, top_k=top_k)
-        self.lora_A = nn.Parameter(torch.empty(1 if shared_a else num_experts, r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r))
-        for expert in self.lora_A.data:
-            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
 
     @property
     def num_experts(self) -> int:
@@ -46,7 +37,7 @@ class RoutedLoRA(nn.Module):
         """x (..., in) -> (the update (..., out) in x's dtype, the gates of the N = prod(...) tokens)."""
         flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
         gates = self.router(flat, valid)
-        h = F.dropout(flat, self.dropout, self.training) if self.dropout > 0 else flat
+        h = self.lora_input(flat, self.training)
         m, r = self.num_experts, self.r
         low = F.linear(h, self.lora_A.reshape(-1, h.shape[-1])).view(h.shape[0], -1, r).expand(-1, m, r)
         mixed = (low * gates.weights.to(low.dtype)[:, :, None]).reshape(h.shape[0], m * r)

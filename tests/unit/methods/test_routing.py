@@ -7,7 +7,7 @@ import torch
 from conftest import batch, make_model
 
 from adamix_ds import ConfigError, MixtureConfig, MixtureSet, RoutePlan
-from adamix_ds.methods.adamix.stochastic_routing import DOWN, UP, Router, Slot, draw_expert, train_expert
+from adamix_ds.methods.adamix.stochastic_routing import DOWN, UP, Slot, StochasticRouter, draw_expert, train_expert
 from adamix_ds.training.preflight import resolve_eval_modes
 
 
@@ -52,7 +52,7 @@ def test_training_forward_records_the_planned_route_and_micro_batches_share_it()
 
 
 def test_consistency_passes_split_the_batch():
-    router = Router(seed=5)
+    router = StochasticRouter(seed=5)
     with router.use_passes(0, 1):
         choice = router.choose(slot=2, side=DOWN, num_experts=8, training=True, batch_size=4)
     assert choice == [train_expert(5, 0, 0, 2, DOWN, 8), train_expert(5, 0, 1, 2, DOWN, 8)]
@@ -61,7 +61,7 @@ def test_consistency_passes_split_the_batch():
 
 
 def test_keyed_random_evaluation_routes_each_row_by_its_key_alone():
-    router = Router(seed=5, eval_mode="random")
+    router = StochasticRouter(seed=5, eval_mode="random")
     with router.keyed_rows([7, 3, 7]):
         together = router.choose(slot=1, side=UP, num_experts=4, training=False, batch_size=3)
     router.count_forward()

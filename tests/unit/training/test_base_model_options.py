@@ -40,7 +40,7 @@ def _train_forward_backward(family, options, consistency, checkpointing):
     attention = next(m for n, m in model.named_modules() if re.fullmatch(r".*\.(layers|h)\.0\.(self_attn|attn)", n))
     attention.register_forward_pre_hook(lambda *_: calls.append(1))
     model.train()
-    router = getattr(mixtures, "router", None)
+    router = mixtures.router if config.family == "adamix" else None
     if router is not None:
         router.record = []
     ids = batch(rows=2, length=9)
@@ -49,7 +49,7 @@ def _train_forward_backward(family, options, consistency, checkpointing):
     trainer = SimpleNamespace(model=model, mixtures=mixtures, router=router, mixture_config=config, step=0,
                               args=SimpleNamespace(consistency_weight=1.0 if consistency else 0.0,
                                                    loss_chunk_tokens=1024))
-    micro_step = RoutedTrainer.micro_step if config.is_routed else AdaMixTrainer.micro_step
+    micro_step = RoutedTrainer.micro_step if config.family == "routed" else AdaMixTrainer.micro_step
     torch.manual_seed(11)  # the dropout masks
     sums = micro_step(trainer, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
     grads = {name: p.grad.clone() for name, p in mixtures.named_parameters() if p.grad is not None}
