@@ -34,6 +34,18 @@ def make_model(family: str, seed: int = 0):
     return model
 
 
+def tiny_mixtures(family: str = "llama", seed: int = 0, scale: float | None = None, **options):
+    """(frozen tiny model of `family`, AdaMix mixtures of MixtureConfig(**options) attached to it); with `scale`,
+    every expert gets distinct random weights of that size (see randomize)."""
+    from adamix_ds import MixtureConfig, MixtureSet
+
+    model = make_model(family)
+    mixtures = MixtureSet.inject(model, MixtureConfig(**options), seed=seed)
+    if scale is not None:
+        randomize(mixtures, scale=scale)
+    return model, mixtures
+
+
 def batch(rows: int = 2, length: int = 7, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (rows, length), generator=g)

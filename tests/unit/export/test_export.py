@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, batch, make_model, randomize
+from conftest import FAMILIES, batch, make_model, randomize, tiny_mixtures
 from safetensors.torch import load_file, save_file
 
 from adamix_ds import CheckpointMismatch, MixtureConfig, MixtureSet, export_peft_adapter, load_mixtures, save_mixtures
@@ -31,8 +31,7 @@ def test_peft_round_trip_matches_merged_logits(family, tmp_path):
 
 
 def test_peft_export_refuses_adapters(tmp_path):
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(method="adamix-adapter"), seed=0)
+    model, mixtures = tiny_mixtures("llama", seed=0, method="adamix-adapter")
     with pytest.raises(ValueError, match="PEFT export is for LoRA"):
         export_peft_adapter(mixtures, tmp_path)
 
@@ -57,8 +56,7 @@ def test_mixture_checkpoint_round_trip(method, tmp_path):
 
 
 def _saved(tmp_path):
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=2), seed=1)
+    model, mixtures = tiny_mixtures("llama", seed=1, num_experts=2)
     save_mixtures(mixtures, tmp_path)
     return load_file(str(tmp_path / WEIGHTS_NAME))
 

@@ -3,9 +3,8 @@
 import collections
 
 import torch
-from conftest import batch, make_model
+from conftest import batch, tiny_mixtures
 
-from adamix_ds import MixtureConfig, MixtureSet
 from adamix_ds.methods.adamix.expert_diagnostics import expert_divergence, pairwise_cosine_distance, selection_counts
 from adamix_ds.methods.targets import layer_of
 
@@ -20,8 +19,7 @@ def test_pairwise_cosine_distance_by_hand():
 
 
 def test_selection_counts_match_the_recorded_routes():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4, share="up"), seed=5)
+    model, mixtures = tiny_mixtures("llama", seed=5, num_experts=4, share="up")
     mixtures.router.record = []
     model.train()
     for step in range(6):
@@ -37,8 +35,7 @@ def test_selection_counts_match_the_recorded_routes():
 
 
 def test_divergence_per_layer():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=2, share="up"), seed=5)
+    model, mixtures = tiny_mixtures("llama", seed=5, num_experts=2, share="up")
     with torch.no_grad():
         for mixture in mixtures.mixtures:
             mixture.lora_A[1].copy_(-mixture.lora_A[0])

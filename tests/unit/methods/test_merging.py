@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, batch, make_model, randomize
+from conftest import FAMILIES, batch, make_model, randomize, tiny_mixtures
 
 from adamix_ds import MixtureConfig, MixtureSet, count_parameters, fold_into_base, merge_experts, unfold_from_base
 
@@ -22,9 +22,7 @@ def _plain_with_averages(model, mixtures):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["adamix-lora", "adamix-adapter"])
 def test_merged_eval_equals_forward_with_averaged_weights(family, method):
-    model = make_model(family)
-    mixtures = MixtureSet.inject(model, MixtureConfig(method=method, num_experts=4, share="none"), seed=4)
-    randomize(mixtures)
+    model, mixtures = tiny_mixtures(family, seed=4, scale=0.2, method=method, num_experts=4, share="none")
     model.eval()
     ids = batch()
     merged_mode = model(ids).logits
@@ -34,9 +32,7 @@ def test_merged_eval_equals_forward_with_averaged_weights(family, method):
 
 
 def test_merge_experts_has_single_module_parameters_and_same_output():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=8, share="up"), seed=4)
-    randomize(mixtures)
+    model, mixtures = tiny_mixtures("llama", seed=4, scale=0.2, num_experts=8, share="up")
     model.eval()
     ids = batch()
     before = model(ids).logits
@@ -76,9 +72,7 @@ def test_fold_into_base_is_exact_idempotent_and_reversible(family):
 
 
 def test_merged_eval_is_not_stale_after_training():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4, share="none"), seed=4)
-    randomize(mixtures)
+    model, mixtures = tiny_mixtures("llama", seed=4, scale=0.2, num_experts=4, share="none")
     optimizer = torch.optim.SGD(mixtures.parameters(), lr=0.5)
     ids = batch()
     model.eval()
@@ -95,8 +89,7 @@ def test_merged_eval_is_not_stale_after_training():
 
 
 def test_fold_refuses_adapters():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(method="adamix-adapter"), seed=0)
+    model, mixtures = tiny_mixtures("llama", seed=0, method="adamix-adapter")
     with pytest.raises(ValueError, match="only LoRA"):
         fold_into_base(model, mixtures)
     assert mixtures.attached and not mixtures.folded

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, batch, make_model, randomize
+from conftest import FAMILIES, batch, make_model, randomize, tiny_mixtures
 from torch.nn import functional as F
 
 from adamix_ds import MixtureConfig, MixtureSet
@@ -115,9 +115,7 @@ def test_training_forward_uses_the_recorded_route(family):
 
 
 def test_random_eval_mode_routes_each_example():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4, share="none"), seed=2)
-    randomize(mixtures)
+    model, mixtures = tiny_mixtures("llama", seed=2, scale=0.2, num_experts=4, share="none")
     mixtures.router.set_eval_mode("random")
     model.eval()
     ids = batch(rows=1).repeat(8, 1)

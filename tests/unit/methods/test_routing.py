@@ -4,9 +4,9 @@ import collections
 
 import pytest
 import torch
-from conftest import batch, make_model
+from conftest import batch, tiny_mixtures
 
-from adamix_ds import ConfigError, MixtureConfig, MixtureSet, RoutePlan
+from adamix_ds import ConfigError, MixtureConfig, RoutePlan
 from adamix_ds.methods.adamix.stochastic_routing import DOWN, UP, Slot, StochasticRouter, draw_expert, train_expert
 from adamix_ds.training.preflight import resolve_eval_modes
 
@@ -36,8 +36,7 @@ def test_draws_are_uniform_and_independent_per_side_and_pass():
 
 
 def test_training_forward_records_the_planned_route_and_micro_batches_share_it():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4, share="none"), seed=99)
+    model, mixtures = tiny_mixtures("llama", seed=99, num_experts=4, share="none")
     router = mixtures.router
     router.record = []
     model.train()
@@ -81,8 +80,7 @@ def test_keyed_random_evaluation_routes_each_row_by_its_key_alone():
 
 
 def test_routes_do_not_depend_on_torch_random_state():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4, share="none"), seed=3)
+    model, mixtures = tiny_mixtures("llama", seed=3, num_experts=4, share="none")
     mixtures.router.record = []
     model.train()
     torch.manual_seed(1)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, batch, make_model, randomize
+from conftest import FAMILIES, batch, tiny_mixtures
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from adamix_ds import MixtureConfig, MixtureSet, causal_lm_losses
+from adamix_ds import causal_lm_losses
 
 
 def _labels(ids):
@@ -41,9 +41,7 @@ def _grads(params):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["adamix-lora", "adamix-adapter"])
 def test_single_forward_equals_two_passes(family, method):
-    model = make_model(family)
-    mixtures = MixtureSet.inject(model, MixtureConfig(method=method, num_experts=4, share="none"), seed=21)
-    randomize(mixtures, scale=0.5)
+    model, mixtures = tiny_mixtures(family, seed=21, scale=0.5, method=method, num_experts=4, share="none")
     mixtures.router.step = 5
     model.train()
     params = list(mixtures.parameters())
@@ -68,9 +66,7 @@ def test_single_forward_equals_two_passes(family, method):
 
 
 def test_plain_loss_equals_hugging_face_loss():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4), seed=1)
-    randomize(mixtures)
+    model, mixtures = tiny_mixtures("llama", seed=1, scale=0.2, num_experts=4)
     model.train()
     ids = batch(rows=2, length=10)
     labels = _labels(ids)
@@ -100,8 +96,7 @@ def test_plain_loss_follows_the_heads_logit_scaling(model_type, scaling):
 
 
 def test_consistency_needs_an_even_split():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=2), seed=1)
+    model, mixtures = tiny_mixtures("llama", seed=1, num_experts=2)
     model.train()
     with pytest.raises(ValueError, match="router"):
         causal_lm_losses(model, batch(), batch(), consistency=True)

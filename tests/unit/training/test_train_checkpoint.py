@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import batch, make_model, randomize
+from conftest import batch, make_model, tiny_mixtures
 
 from adamix_ds import MixtureConfig, MixtureSet, causal_lm_losses
 from adamix_ds.config import ConfigError
@@ -51,8 +51,7 @@ def test_a_changed_seed_or_batch_plan_is_refused():
 def test_optimizer_and_schedule_round_trip(tmp_path):
     from deepspeed.runtime.lr_schedules import WarmupLR
 
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=2), seed=3)
+    model, mixtures = tiny_mixtures("llama", seed=3, num_experts=2)
     optimizer = torch.optim.AdamW(mixtures.parameters(), lr=0.01)
     scheduler = WarmupLR(optimizer, warmup_max_lr=0.01, warmup_num_steps=5, warmup_type="linear")
     model.train()
@@ -92,8 +91,7 @@ def test_every_file_reaches_the_disk_before_the_complete_marker(tmp_path, monkey
         real_fsync(fd)
 
     monkeypatch.setattr(train_checkpoint.os, "fsync", recording_fsync)
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=2), seed=3)
+    model, mixtures = tiny_mixtures("llama", seed=3, num_experts=2)
     optimizer = torch.optim.AdamW(mixtures.parameters(), lr=0.01)
     final = save_checkpoint(tmp_path, TrainerState(3, 3, 12),
                             lambda directory: write_replicated_state(directory, mixtures, optimizer, None), keep=None)
@@ -105,9 +103,7 @@ def test_every_file_reaches_the_disk_before_the_complete_marker(tmp_path, monkey
 
 
 def test_random_eval_draws_anew_on_every_evaluation_forward():
-    model = make_model("llama")
-    mixtures = MixtureSet.inject(model, MixtureConfig(num_experts=4, share="none"), seed=2)
-    randomize(mixtures)
+    model, mixtures = tiny_mixtures("llama", seed=2, scale=0.2, num_experts=4, share="none")
     mixtures.router.set_eval_mode("random")
     model.eval()
     with torch.no_grad():
