@@ -97,7 +97,13 @@ class TrainArguments:
     seed: int = field(default=42, metadata={"help": "Seed of data order and initialisation; rank 0's value is "
                                              "broadcast and keys every route."})
     consistency_weight: float = field(
-        default=0.0, metadata={"help": "lambda of the consistency loss (0 = off; reference: 1 or 100)."}
+        default=0.0, metadata={"help": "lambda of the consistency loss: the weight of the per-target-token mean "
+                                       "symmetric KL beside the per-token mean CE, as in the AdaMix reference (0 = off; "
+                                       "reference: 1 for classification, 100 for NLG)."}
+    )
+    label_smoothing_factor: float = field(
+        default=0.0, metadata={"help": "Label smoothing of the training cross-entropy (Hugging Face's name; the AdaMix "
+                                       "NLG reference uses 0.1). Evaluation losses are never smoothed."}
     )
     eval_modes: Optional[str] = field(
         default=None, metadata={"help": "Routing modes evaluated at each eval, comma-separated from merged, random, "

@@ -41,21 +41,28 @@ class Method:
     """routed-lora: one LoRA A shared by every expert (HydraLoRA)."""
     train_options: tuple[str, ...] = ()
     """Training options (TrainArguments) that only this method's family takes."""
+    expert_init: Optional[str] = None
+    """How the experts of a side start: identical copies of one draw, or independent draws."""
+    adapter_init: Optional[str] = None
+    """How an adapter's weights are drawn: houlsby (starts as the identity) or bert (every weight N(0, 0.02))."""
 
 
 ADAMIX_TRAINING = ("consistency_weight", "check_routes_every", "save_routes", "eval_modes")
 """Training options of AdaMix's stochastic routing (consistency between two routes, route checks and logs, the
 routings evaluated)."""
 _LORA = ("target_modules",)
+_ADAPTER = ("adapter_after_attention", "adapter_init")
 _ADAMIX = dict(train_options=ADAMIX_TRAINING)
+_ADAPTERS = dict(_ADAMIX, adapter_init="houlsby")
 _MOA = dict(experts="moa", num_experts=None, lora_r=8, lora_alpha=8.0, adapter_size=16, adapter_activation="silu")
 _HOMOGENEOUS = dict(experts="routed-lora", num_experts=8, lora_r=8, lora_alpha=8.0)
 METHODS: dict[str, Method] = {
-    "adamix-lora": Method(ADAMIX, "lora", 4, options=("share", *_LORA), merges_into="lora", **_ADAMIX),
-    "adamix-adapter": Method(ADAMIX, "adapter", 4, options=("share", "adapter_after_attention"), merges_into="adapter",
-                             **_ADAMIX),
+    "adamix-lora": Method(ADAMIX, "lora", 4, options=("share", "expert_init", *_LORA), merges_into="lora",
+                          expert_init="identical", **_ADAMIX),
+    "adamix-adapter": Method(ADAMIX, "adapter", 4, options=("share", "expert_init", *_ADAPTER), merges_into="adapter",
+                             expert_init="independent", **_ADAPTERS),
     "lora": Method(ADAMIX, "lora", 1, options=_LORA, merges_into="lora", **_ADAMIX),
-    "adapter": Method(ADAMIX, "adapter", 1, options=("adapter_after_attention",), merges_into="adapter", **_ADAMIX),
+    "adapter": Method(ADAMIX, "adapter", 1, options=_ADAPTER, merges_into="adapter", **_ADAPTERS),
     "moa-soft": Method(ROUTED, **_MOA, options=("moa_experts", "router_type", "prompt_length"), gate="sigmoid"),
     "moa-sparse": Method(ROUTED, **_MOA, options=("moa_experts", "router_type", "max_threshold"), gate="threshold"),
     "molora": Method(ROUTED, **_HOMOGENEOUS, options=("router_type", *_LORA), gate="softmax"),
@@ -68,6 +75,8 @@ MOA_EXPERTS = ("q", "k", "v", "o", "down", "adapter", "prompt")
 ROUTER_TYPES = ("linear", "swiglu")
 SHARE_CHOICES = ("up", "down", "none")
 EVAL_MODES = ("merged", "random", "ensemble")
+EXPERT_INITS = ("identical", "independent")
+ADAPTER_INITS = ("houlsby", "bert")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
 
 
@@ -127,6 +136,19 @@ class MixtureConfig:
     adapter_after_attention: bool = field(
         default=False, metadata={"help": "Also place an adapter after each attention block's output."}
     )
+    expert_init: Optional[str] = field(
+        default=None,
+        metadata={"help": f"How AdaMix's experts of a side start, one of {', '.join(EXPERT_INITS)}: identical copies of "
+                          "one draw (the AdaMix reference deep-copies one LoRA A; experts then differ only through the "
+                          "routes that train them) or independent draws. Default: identical for adamix-lora, "
+                          "independent for adamix-adapter."},
+    )
+    adapter_init: Optional[str] = field(
+        default=None,
+        metadata={"help": f"How adapter weights are drawn, one of {', '.join(ADAPTER_INITS)}: houlsby (down N(0, 0.01), "
+                          "up and biases 0: the adapter starts as the identity; the default) or bert (down and up "
+                          "N(0, 0.02), biases 0, as the reference's adapters get from BERT's initialisation)."},
+    )
     eval_mode: str = field(
         default="merged",
         metadata={"help": f"Routing outside training, one of {', '.join(EVAL_MODES)}."},
@@ -165,6 +187,12 @@ class MixtureConfig:
         for name in ("lora_r", "lora_alpha", "adapter_size", "adapter_activation"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(spec, name))
+        for name, allowed in (("expert_init", EXPERT_INITS), ("adapter_init", ADAPTER_INITS)):
+            self._only_for(name, None)
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(spec, name))
+            elif getattr(self, name) not in allowed:
+                raise _bad(name, getattr(self, name), f"one of {', '.join(allowed)}")
         if spec.experts == "moa":
             self._check_moa()
         else:
@@ -294,4 +322,4 @@ class MixtureConfig:
         """The configuration of the single module that averaging the experts produces."""
         if self.spec.merges_into is None:
             raise ValueError(f"--method {self.method} has input-dependent routers: its experts cannot be averaged")
-        return dataclasses.replace(self, method=self.spec.merges_into, num_experts=1, share="up")
+        return dataclasses.replace(self, method=self.spec.merges_into, num_experts=1, share="up", expert_init=None)

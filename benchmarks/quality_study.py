@@ -2,6 +2,7 @@
 
 python benchmarks/quality_study.py --preset cpu      # about an hour on 2 CPU cores
 python benchmarks/quality_study.py --preset gpu      # one GPU
+python benchmarks/quality_study.py --preset cpu --parts budget,experts,lowdata,routed,adapter   # the extension
 
 Pretrains a small Llama on the Python documentation (Debian's python3-doc), fine-tunes every method on
 two WordNet tasks (wordnet-base) for several seeds, and writes results.json and results.md under
@@ -9,12 +10,16 @@ two WordNet tasks (wordnet-base) for several seeds, and writes results.json and 
 """
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
 
+from adamix_ds.study.parts import PARTS, SETTINGS, ExtendedStudy
+from adamix_ds.study.parts_report import markdown, plot_budget
 from adamix_ds.study.presets import METHODS, PRESETS
-from adamix_ds.study.runner import run_study
+from adamix_ds.study.runner import QualityStudy, run_study
 from adamix_ds.study.wordnet_tasks import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +35,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seeds", help="Comma-separated seeds (default: the preset's).")
     parser.add_argument("--docs_root", type=Path, help="Python documentation HTML root (default: python3-doc's).")
+    parser.add_argument("--parts", default="base",
+                        help="Comma-separated: base (the first table: every method, both tasks) and the extension's "
+                             f"parts on supersense: {', '.join(PARTS)}.")
     args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - {"base", *PARTS})
+    if unknown or not parts:
+        parser.error(f"--parts: unknown {unknown}; use base, {', '.join(PARTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     methods = METHODS[args.preset]
     if args.methods:
@@ -44,11 +56,29 @@ def main(argv=None) -> int:
         parser.error(f"--tasks: use {', '.join(TASKS)}")
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     work_dir = args.work_dir or Path("outputs/quality_study") / args.preset
-    results = run_study(PRESETS[args.preset], methods, work_dir, args.data_dir, REPO / "launch" / "train.py",
-                        seeds=seeds, tasks=tasks, docs_root=args.docs_root)
-    print((work_dir / "results.md").read_text())
-    logging.info("results: %s", work_dir / "results.json")
-    return 0 if results["rows"] else 1
+    train_script = REPO / "launch" / "train.py"
+    if "base" in parts:
+        results = run_study(PRESETS[args.preset], methods, work_dir, args.data_dir, train_script,
+                            seeds=seeds, tasks=tasks, docs_root=args.docs_root)
+        print((work_dir / "results.md").read_text())
+        logging.info("results: %s", work_dir / "results.json")
+        if not results["rows"]:
+            return 1
+    extension = tuple(p for p in parts if p != "base")
+    if extension:
+        preset = PRESETS[args.preset] if not seeds else dataclasses.replace(PRESETS[args.preset], seeds=seeds)
+        study = QualityStudy(preset, METHODS[args.preset], work_dir, args.data_dir, train_script,
+                             docs_root=args.docs_root)
+        lora_rank = next(m for m in METHODS[args.preset] if m.name == "lora").options["lora_r"]
+        ExtendedStudy(study, SETTINGS[args.preset], lora_rank).run(extension)
+        results = {part: json.loads((work_dir / "parts" / f"{part}.json").read_text()) for part in PARTS
+                   if (work_dir / "parts" / f"{part}.json").is_file()}  # this run's parts and earlier ones
+        report = markdown(results)
+        (work_dir / "parts" / "results.md").write_text(report)
+        if "budget" in results:
+            logging.info("plot: %s", plot_budget(results["budget"], work_dir / "parts" / "budget.png"))
+        print(report)
+    return 0
 
 
 if __name__ == "__main__":

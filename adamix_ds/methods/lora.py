@@ -15,10 +15,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .expert_init import init_stack_
+
 
 class StackedLoRA(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, experts_a: int = 1,
-                 experts_b: int = 1, dropout: float = 0.0, stacked: bool = True) -> None:
+                 experts_b: int = 1, dropout: float = 0.0, stacked: bool = True, identical: bool = False) -> None:
         super().__init__()
         if not stacked and (experts_a, experts_b) != (1, 1):
             raise ValueError("only a single expert per side is stored without the expert dimension")
@@ -28,13 +30,12 @@ class StackedLoRA(nn.Module):
         lead = lambda experts: (experts,) if stacked else ()  # noqa: E731
         self.lora_A = nn.Parameter(torch.empty(*lead(experts_a), r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(*lead(experts_b), out_features, r))
-        self.reset_parameters()
+        self.reset_parameters(identical)
 
-    def reset_parameters(self) -> None:
-        """Each A expert drawn independently as nn.Linear initialises its weight (kaiming-uniform, a = sqrt(5));
-        B = 0."""
-        for expert in self.stack_a.data:
-            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+    def reset_parameters(self, identical: bool = False) -> None:
+        """A drawn as nn.Linear initialises its weight (kaiming-uniform, a = sqrt(5)): each expert on its own, or
+        (`identical`) once and copied into every expert, as the AdaMix reference deep-copies one LoRA A. B = 0."""
+        init_stack_(self.stack_a.data, lambda expert: nn.init.kaiming_uniform_(expert, a=math.sqrt(5)), identical)
         nn.init.zeros_(self.lora_B)
 
     @property

@@ -49,12 +49,14 @@ class Preset:
 
 
 def study_methods(lora_r: int, adapter_size: int, moa_r: int, moa_adapter: dict, prompt_length: int) -> list[StudyMethod]:
+    """The methods of the first table (its AdaMix-LoRA rows drew each expert independently, the default then)."""
     adamix_modes = ("merged", "random")
     return [
         StudyMethod("lora", {"method": "lora", "lora_r": lora_r}),
-        StudyMethod("adamix-lora", {"method": "adamix-lora", "lora_r": lora_r}, adamix_modes),
-        StudyMethod("adamix-lora+consistency", {"method": "adamix-lora", "lora_r": lora_r, "consistency_weight": 1.0},
+        StudyMethod("adamix-lora", {"method": "adamix-lora", "lora_r": lora_r, "expert_init": "independent"},
                     adamix_modes),
+        StudyMethod("adamix-lora+consistency", {"method": "adamix-lora", "lora_r": lora_r, "expert_init": "independent",
+                                                "consistency_weight": 1.0}, adamix_modes),
         StudyMethod("adapter", {"method": "adapter", "adapter_size": adapter_size}),
         StudyMethod("adamix-adapter", {"method": "adamix-adapter", "adapter_size": adapter_size}, adamix_modes),
         StudyMethod("moa-soft", {"method": "moa-soft", "lora_r": moa_r, "lora_alpha": moa_r,

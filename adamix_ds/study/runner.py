@@ -34,10 +34,19 @@ class Job:
     task: str
     method: StudyMethod
     seed: int
+    steps: int | None = None
+    """Fine-tuning steps (None: the preset's)."""
+    train_size: int | None = None
+    """Training synsets, the first of the training split (None: all of it)."""
+    eval_steps: int = 0
+    """Dev loss every this many steps during training (0: at the end only)."""
 
     @property
     def name(self) -> str:
-        return f"{self.task}/{self.method.name}/seed-{self.seed}"
+        """The run's directory under runs/: the original table's jobs keep their names; variants add theirs."""
+        variant = "".join(f"/{key}-{value}" for key, value in (("steps", self.steps), ("train", self.train_size))
+                          if value is not None)
+        return f"{self.task}/{self.method.name}{variant}/seed-{self.seed}"
 
 
 def _flags(options: dict) -> list[str]:
@@ -102,14 +111,15 @@ class QualityStudy:
         if out.exists():
             shutil.rmtree(out)  # an unfinished earlier attempt
         files = self.task_files[job.task]
-        lr = p.learning_rates.get(job.method.name, p.learning_rates.get(job.method.options["method"],
-                                                                         p.learning_rates["default"]))
+        train = files["train"] if job.train_size is None else self.train_subset(job.task, job.train_size)
+        steps = job.steps or p.finetune_steps
         options = {
-            "model_name_or_path": base, **job.method.options, "data_path": files["train"],
-            "eval_data_path": files["dev"], "max_seq_length": 96, "per_device_train_batch_size": p.finetune_batch,
-            "learning_rate": lr, "warmup_steps": max(1, p.finetune_steps // 10), "max_steps": p.finetune_steps,
-            "logging_steps": 25, "save_steps": 0, "save_total_limit": 1, "num_samples": 0, "seed": job.seed,
-            "output_dir": out, "deepspeed": self._ds_config(p.finetune_deepspeed),
+            "model_name_or_path": base, "data_path": train, "eval_data_path": files["dev"], "max_seq_length": 96,
+            "per_device_train_batch_size": p.finetune_batch, "learning_rate": self.learning_rate(job.method),
+            "warmup_steps": max(1, steps // 10), "max_steps": steps, "logging_steps": 25,
+            "eval_steps": job.eval_steps, "save_steps": 0, "save_total_limit": 1, "num_samples": 0,
+            "seed": job.seed, "output_dir": out, "deepspeed": self._ds_config(p.finetune_deepspeed),
+            **job.method.options,
         }
         start = time.perf_counter()
         self._launch(options, out / "train.log", ranks=1, threads=p.threads_per_job)
@@ -146,6 +156,22 @@ class QualityStudy:
         return self.aggregate(jobs)
 
     # Helpers.
+    def learning_rate(self, method: StudyMethod) -> float:
+        """The method's own learning_rate option, else the preset's for its name or --method, else the default."""
+        rates = self.preset.learning_rates
+        return method.options.get("learning_rate",
+                                  rates.get(method.name, rates.get(method.options["method"], rates["default"])))
+
+    def train_subset(self, task: str, size: int) -> Path:
+        """The first `size` synsets of the training split (its order is already a seeded shuffle)."""
+        path = self.work_dir / "tasks" / task / f"train-{size}.jsonl"
+        if not path.is_file():
+            lines = self.task_files[task]["train"].read_text().splitlines(keepends=True)
+            if len(lines) < size:
+                raise ValueError(f"{task}: {size} training synsets asked, the split has {len(lines)}")
+            path.write_text("".join(lines[:size]))
+        return path
+
     def _ds_config(self, name: str = "zero3.json") -> Path:
         return self.train_script.parent.parent / "ds_configs" / name
 
@@ -169,27 +195,33 @@ class QualityStudy:
             raise RuntimeError(f"{' '.join(command[:4])} ... failed with exit code {result.returncode}; "
                                f"log {log}:\n{tail}")
 
+    def rows(self, seeds_of_one_config: list[Job]) -> list[dict]:
+        """One row per serving mode of jobs that differ only by seed: each metric's mean, deviation and values."""
+        first = seeds_of_one_config[0]
+        runs = [self.work_dir / "runs" / j.name for j in seeds_of_one_config]
+        scores = [json.loads((r / "scores.json").read_text()) for r in runs]
+        records = [json.loads((r / "run.json").read_text()) for r in runs]
+        rows = []
+        for mode in first.method.modes:
+            row = {"task": first.task, "method": first.method.name, "serving": mode,
+                   "seeds": [j.seed for j in seeds_of_one_config], "steps": first.steps or self.preset.finetune_steps,
+                   "train_size": first.train_size or self.preset.sizes["train"],
+                   "served_parameters": records[0]["parameters"]["served"],
+                   "trained_parameters": records[0]["parameters"]["trained"], "options": first.method.options}
+            row["dev_loss"] = _stat([_final_loss(r["final_eval"], mode) for r in records])
+            for split in ("dev", "test"):
+                for metric in scores[0][f"{mode}/{split}"]:
+                    if metric in ("examples", "seconds"):
+                        continue
+                    row[f"{split}/{metric}"] = _stat([s[f"{mode}/{split}"][metric] for s in scores])
+            rows.append(row)
+        return rows
+
     def aggregate(self, jobs: list[Job]) -> dict:
         rows = []
         for task in self.tasks:
             for method in self.methods:
-                mine = [j for j in jobs if j.task == task and j.method == method]
-                runs = [self.work_dir / "runs" / j.name for j in mine]
-                scores = [json.loads((r / "scores.json").read_text()) for r in runs]
-                records = [json.loads((r / "run.json").read_text()) for r in runs]
-                record = records[0]
-                for mode in method.modes:
-                    row = {"task": task, "method": method.name, "serving": mode, "seeds": [j.seed for j in mine],
-                           "served_parameters": record["parameters"]["served"],
-                           "trained_parameters": record["parameters"]["trained"],
-                           "options": method.options}
-                    row["dev_loss"] = _stat([_final_loss(r["final_eval"], mode) for r in records])
-                    for split in ("dev", "test"):
-                        for metric in scores[0][f"{mode}/{split}"]:
-                            if metric in ("examples", "seconds"):
-                                continue
-                            row[f"{split}/{metric}"] = _stat([s[f"{mode}/{split}"][metric] for s in scores])
-                    rows.append(row)
+                rows += self.rows([j for j in jobs if j.task == task and j.method == method])
         results = {
             "preset": asdict(self.preset), "machine": _machine(), "timings_s": self.timings,
             "pretraining": self._pretraining_summary(), "baselines": self._baselines(), "rows": rows,

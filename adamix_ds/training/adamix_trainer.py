@@ -38,7 +38,8 @@ class AdaMixTrainer(ReplicatedTrainer):
         self.router.step = self.step
         consistency = args.consistency_weight > 0
         sums = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                router=self.router, consistency=consistency, chunk_tokens=args.loss_chunk_tokens)
+                                router=self.router, consistency=consistency, chunk_tokens=args.loss_chunk_tokens,
+                                label_smoothing=args.label_smoothing_factor)
         total = sums.lm + args.consistency_weight * sums.kl if consistency else sums.lm
         total.backward()
         return torch.tensor([sums.tokens, sums.lm.item(), sums.kl.item() if consistency else 0.0, 0.0],

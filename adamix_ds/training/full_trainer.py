@@ -28,11 +28,11 @@ from .trainer import Trainer
 logger = logging.getLogger("adamix_ds")
 
 
-def logits_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, torch.Tensor]:
+def logits_ce_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> tuple[int, torch.Tensor]:
     """(target tokens, summed next-token cross-entropy) from full logits (B, T, V) and labels (B, T)."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    ce = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    ce = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum", label_smoothing=label_smoothing)
     return int(keep.sum()), ce
 
 
@@ -72,7 +72,7 @@ class FullTrainer(Trainer):
         for micro in range(self.plan.accumulation):
             batch = self.batch(self.step_rows(micro), self.train_data)
             logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            tokens, ce = logits_ce_sum(logits, batch["labels"])
+            tokens, ce = logits_ce_sum(logits, batch["labels"], self.args.label_smoothing_factor)
             self.engine.backward(ce * scale)
             self.engine.step()
             stats += torch.tensor([tokens, ce.item()], dtype=torch.float64)

@@ -1,9 +1,13 @@
 """The training loss: next-token cross-entropy plus AdaMix consistency regularization (AdaMix, Eq. 4).
 
-    L = CE(p1) + lambda * 0.5 * (KL(p1 || sg(p2)) + KL(p2 || sg(p1)))
+    L = CE_eps(p1) + lambda * 0.5 * (KL(p1 || sg(p2)) + KL(p2 || sg(p1)))
 
 p1 and p2 are next-token distributions of the same batch under two independently drawn routes;
-sg is stop-gradient; both terms are summed over target tokens (labels != -100) only. Logits follow the
+sg is stop-gradient; both terms are summed over target tokens (labels != -100) only, and the trainer
+divides by the global count of target tokens, so lambda weighs a per-token mean symmetric KL against a
+per-token mean CE: the reference's weight (100 for NLG, symmetric_KL_loss's 'batchmean' over target
+tokens) means the same here. CE_eps is cross-entropy with label smoothing eps (Szegedy et al., 2016),
+(1 - eps) * (-log p_y) + eps * mean_v(-log p_v), as torch's cross_entropy(label_smoothing=eps). Logits follow the
 model's own head: a constant scale (Cohere's logit_scale, Granite's 1 / logits_scaling), then a soft
 cap (Gemma 2/3's final_logit_softcapping). Instead of two
 forward passes, the batch is concatenated with itself and run once, the halves routed as passes 0
@@ -46,12 +50,12 @@ class _HeadLosses(torch.autograd.Function):
     Each chunk's logits live only while that chunk is processed; the gradients with respect to the
     hidden states (the only ones needed: the output projection is frozen) are formed in the same pass,
     so backward needs neither the logits nor the projection weight. For logits z = softcap(scale * u):
-      d CE / d z1 = p1 - onehot(y)
+      d CE_eps / d z1 = p1 - (1 - eps) onehot(y) - eps / V
       d KL(p1 || sg p2) / d z1 = p1 * (log p1 - log p2 - KL_row)   (and symmetrically for z2)
     """
 
     @staticmethod
-    def forward(ctx, h1, h2, weight, bias, targets, chunk_tokens, scale, softcap):
+    def forward(ctx, h1, h2, weight, bias, targets, chunk_tokens, scale, softcap, smoothing):
         need_grad = any(ctx.needs_input_grad[:2])
         with torch.no_grad():
             lm = h1.new_zeros((), dtype=torch.float32)
@@ -65,10 +69,12 @@ class _HeadLosses(torch.autograd.Function):
                 logp1 = F.log_softmax(u1, dim=-1)
                 p1 = logp1.exp()
                 y = targets[rows]
-                lm += -logp1.gather(1, y[:, None]).sum()
+                lm += -(1.0 - smoothing) * logp1.gather(1, y[:, None]).sum()
+                if smoothing:
+                    lm += -smoothing * logp1.mean(dim=-1).sum()
                 if need_grad:
-                    grad_ce = p1.clone()
-                    grad_ce[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                    grad_ce = p1 - smoothing / p1.shape[-1] if smoothing else p1.clone()
+                    grad_ce[torch.arange(y.numel(), device=y.device), y] -= 1.0 - smoothing
                     grad_ce_1[rows] = _to_hidden(grad_ce, dz1, weight, h1.dtype)
                 if h2 is None:
                     continue
@@ -94,7 +100,7 @@ class _HeadLosses(torch.autograd.Function):
         if grad_kl_1 is not None:
             grad_h1 = grad_h1 + grad_kl_1 * grad_kl.to(grad_kl_1.dtype)
             grad_h2 = grad_kl_2 * grad_kl.to(grad_kl_2.dtype)
-        return grad_h1, grad_h2, None, None, None, None, None, None
+        return grad_h1, grad_h2, None, None, None, None, None, None, None
 
 
 def _logits(hidden, weight, bias, scale, softcap):
@@ -122,6 +128,7 @@ def token_losses(
     chunk_tokens: int = 1024,
     softcap: float | None = None,
     scale: float = 1.0,
+    label_smoothing: float = 0.0,
 ) -> LossSums:
     """Losses from last hidden states (B, T, d) and labels (B, T); position t predicts labels[:, t + 1].
 
@@ -136,7 +143,7 @@ def token_losses(
     h2 = hidden_2[:, :-1][keep] if hidden_2 is not None else None
     y = targets[keep]
     with gathered([p for p in (head.weight, head.bias) if p is not None]):
-        lm, kl = _HeadLosses.apply(h1, h2, head.weight, head.bias, y, chunk_tokens, scale, softcap)
+        lm, kl = _HeadLosses.apply(h1, h2, head.weight, head.bias, y, chunk_tokens, scale, softcap, label_smoothing)
     return LossSums(lm=lm, kl=kl if hidden_2 is not None else None, tokens=int(y.numel()))
 
 
@@ -148,6 +155,7 @@ def causal_lm_losses(
     router: StochasticRouter | None = None,
     consistency: bool = False,
     chunk_tokens: int = 1024,
+    label_smoothing: float = 0.0,
 ) -> LossSums:
     """One forward of a Hugging Face causal LM; with `consistency`, one forward of the doubled batch.
 
@@ -157,7 +165,8 @@ def causal_lm_losses(
     scale, softcap = logit_scale(model.config), getattr(model.config, "final_logit_softcapping", None)
     if not consistency:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return token_losses(head, hidden, labels, chunk_tokens=chunk_tokens, softcap=softcap, scale=scale)
+        return token_losses(head, hidden, labels, chunk_tokens=chunk_tokens, softcap=softcap, scale=scale,
+                            label_smoothing=label_smoothing)
     if router is None:
         raise ValueError("the consistency loss needs the mixtures' router (two routes in one forward)")
     doubled_ids = torch.cat([input_ids, input_ids])
@@ -165,7 +174,8 @@ def causal_lm_losses(
     with router.use_passes(0, 1):
         hidden = decoder(input_ids=doubled_ids, attention_mask=doubled_mask, use_cache=False).last_hidden_state
     h1, h2 = hidden.chunk(2)
-    return token_losses(head, h1, labels, hidden_2=h2, chunk_tokens=chunk_tokens, softcap=softcap, scale=scale)
+    return token_losses(head, h1, labels, hidden_2=h2, chunk_tokens=chunk_tokens, softcap=softcap, scale=scale,
+                        label_smoothing=label_smoothing)
 
 
 def logit_scale(config) -> float:

@@ -50,6 +50,14 @@ def check_output_dir(output_dir: str) -> None:
         raise ConfigError(f"--output_dir {output_dir}: not writable ({error.strerror or error})") from None
 
 
+def check_training_values(args: TrainArguments) -> None:
+    """Loss weights within the range where they mean something."""
+    if not 0.0 <= args.label_smoothing_factor < 1.0:
+        raise ConfigError(f"--label_smoothing_factor={args.label_smoothing_factor!r} is not allowed: a number in [0, 1)")
+    if args.consistency_weight < 0:
+        raise ConfigError(f"--consistency_weight={args.consistency_weight!r} is not allowed: a number >= 0")
+
+
 def _refuse_foreign_option(mixture: MixtureConfig, option: str, value) -> None:
     takers = [name for name, method in METHODS.items() if option in method.train_options]
     raise ConfigError(f"--{option}={value!r} is not allowed with --method {mixture.method}: it belongs to AdaMix's "

@@ -23,7 +23,8 @@ class RoutedTrainer(ReplicatedTrainer):
         stats.valid = batch["attention_mask"]  # until after the backward, where checkpointed layers recompute
         try:
             sums = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                    chunk_tokens=self.args.loss_chunk_tokens)
+                                    chunk_tokens=self.args.loss_chunk_tokens,
+                                    label_smoothing=self.args.label_smoothing_factor)
             aux = stats.pop_aux_loss()
             total, aux_sum = sums.lm, 0.0
             if aux is not None and weight > 0:

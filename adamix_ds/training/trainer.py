@@ -66,6 +66,7 @@ class Trainer:
         resolve_ds_config(raw_ds_config, args, distributed.world_size(), steps_for=lambda plan: 1)  # checks only
         preflight.check_output_dir(args.output_dir)
         preflight.check_method_options(mixture_config, args)
+        preflight.check_training_values(args)
         preflight.check_model(model_args, mixture_config, args.gradient_checkpointing)
         self.tokenizer = load_tokenizer(model_args)
         self.train_data, self.eval_data = train_eval_datasets(data_args, self.tokenizer, self.seed)

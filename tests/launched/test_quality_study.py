@@ -210,6 +210,40 @@ def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
             pytest.approx(100 * ranked_hits / len(test_rows))
     assert "| adamix-lora | random |" in (work / "results.md").read_text()
 
+    # The extension's budget and adapter parts on the same base and data: the sweep chooses on dev with the
+    # reference's regularisers, the budgets reuse the sweep's runs, the adapter part reuses the first table's.
+    before = {p.parent for p in (work / "runs").rglob("scores.json")}
+    done = subprocess.run(command[:-2] + ["--parts", "budget,adapter"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    budget = json.loads((work / "parts" / "budget.json").read_text())
+    sweep = budget["sweep"]
+    assert len(sweep["rows"]) == 2 + 2 * 2  # LoRA: 2 rates; AdaMix: 2 rates x 2 weights, served merged
+    adamix_sweep = [r for r in sweep["rows"] if r["serving"] == "merged"]
+    best = max(adamix_sweep, key=lambda r: (r["dev/accuracy"]["mean"], -r["dev_loss"]["mean"]))
+    assert sweep["chosen"]["adamix-lora"]["name"] == best["method"]
+    chosen_run = work / "runs" / "supersense" / best["method"] / "steps-2" / "seed-0"
+    arguments = json.loads((chosen_run / "run.json").read_text())["arguments"]
+    assert arguments["train"]["label_smoothing_factor"] == 0.1 and arguments["train"]["weight_decay"] == 0.01
+    assert arguments["mixture"]["expert_init"] == "identical" and arguments["mixture"]["lora_dropout"] == 0.1
+    assert json.loads((chosen_run / "run.json").read_text())["deepspeed_config"]["gradient_clipping"] == 0
+    assert {(r["method"].split("(")[0], r["serving"], r["steps"]) for r in budget["rows"]} == {
+        (m, s, steps) for m, s in (("lora", "model"), ("adamix-lora", "merged"), ("adamix-lora", "random"))
+        for steps in (2, 4)}
+    rows = {(r["method"].split("(")[0], r["serving"], r["steps"]): r for r in budget["rows"]}
+    for steps in (2, 4):
+        adamix, lora = rows["adamix-lora", "merged", steps], rows["lora", "model", steps]
+        differences = [a - b for a, b in zip(adamix["test/accuracy"]["values"], lora["test/accuracy"]["values"])]
+        assert budget["comparisons"]["equal_steps"][str(steps)]["values"] == pytest.approx(differences)
+    adapter = json.loads((work / "parts" / "adapter.json").read_text())
+    assert {r["method"] for r in adapter["rows"]} == {"adapter", "adamix-adapter", "adapter(bert-init)",
+                                                      "adamix-adapter(bert-init)"}
+    new = {p.parent for p in (work / "runs").rglob("scores.json")} - before
+    # sweep 2 + 4, budgets 2 x 2 x 2 less the 2 sweep runs they share, adapter part 3 x 2 (the first table's adapter
+    # runs are reused)
+    assert len(new) == 6 + 6 + 6
+    assert (work / "parts" / "budget.png").stat().st_size > 0
+    assert "Each at its best dev budget" in (work / "parts" / "results.md").read_text()
+
 
 def test_table_pairs_each_method_with_lora_seed_by_seed_and_chooses_on_dev():
     from adamix_ds.study.runner import markdown_table

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..activations import ACTIVATION_FUNCTIONS
+from ..expert_init import init_stack_
 from .stacked_experts import group_rows, grouped_linear, select_experts, ungroup_rows
 from .stochastic_routing import Choice
 
@@ -19,7 +20,8 @@ class MixtureAdapter(nn.Module):
     zero, so the adapter starts as the identity.
     """
 
-    def __init__(self, hidden: int, size: int, activation: str, experts_down: int, experts_up: int) -> None:
+    def __init__(self, hidden: int, size: int, activation: str, experts_down: int, experts_up: int,
+                 init: str = "houlsby", identical: bool = False) -> None:
         super().__init__()
         self.hidden, self.size, self.activation = hidden, size, activation
         self.act = ACTIVATION_FUNCTIONS[activation]
@@ -27,13 +29,16 @@ class MixtureAdapter(nn.Module):
         self.adapter_down_bias = nn.Parameter(torch.zeros(experts_down, size))
         self.adapter_up = nn.Parameter(torch.zeros(experts_up, hidden, size))
         self.adapter_up_bias = nn.Parameter(torch.zeros(experts_up, hidden))
-        self.reset_parameters()
+        self.reset_parameters(init, identical)
 
-    def reset_parameters(self) -> None:
-        """Down: small normal (std 1e-2, near-identity init as in Houlsby et al.); up and biases: 0."""
-        nn.init.normal_(self.adapter_down, std=1e-2)
+    def reset_parameters(self, init: str = "houlsby", identical: bool = False) -> None:
+        """houlsby: down N(0, 0.01), up 0 (the adapter starts as the identity, Houlsby et al.); bert: down and up
+        N(0, 0.02), as BERT initialises every linear layer, which is how the AdaMix reference's adapters start.
+        Biases 0. Each expert drawn on its own, or (`identical`) once and copied into every expert of its side."""
+        down_std, up_std = {"houlsby": (1e-2, 0.0), "bert": (2e-2, 2e-2)}[init]
+        init_stack_(self.adapter_down.data, lambda expert: nn.init.normal_(expert, std=down_std), identical)
+        init_stack_(self.adapter_up.data, lambda expert: nn.init.normal_(expert, std=up_std), identical)
         nn.init.zeros_(self.adapter_down_bias)
-        nn.init.zeros_(self.adapter_up)
         nn.init.zeros_(self.adapter_up_bias)
 
     @property

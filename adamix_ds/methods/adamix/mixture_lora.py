@@ -17,8 +17,8 @@ class MixtureLoRA(StackedLoRA):
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, experts_down: int,
-                 experts_up: int, dropout: float = 0.0) -> None:
-        super().__init__(in_features, out_features, r, alpha, experts_down, experts_up, dropout)
+                 experts_up: int, dropout: float = 0.0, identical: bool = False) -> None:
+        super().__init__(in_features, out_features, r, alpha, experts_down, experts_up, dropout, identical=identical)
 
     def forward(self, x: torch.Tensor, down: Choice, up: Choice, training: bool = False) -> torch.Tensor:
         """x: (rows, ..., in_features) -> the LoRA update (rows, ..., out_features), in x's dtype.

@@ -29,11 +29,10 @@ class MixtureSet(TargetMixtures):
     def _build(self, target: Target) -> nn.Module:
         c = self.config
         if c.is_lora:
-            return MixtureLoRA(
-                target.in_features, target.out_features, c.lora_r, c.lora_alpha,
-                c.experts_down, c.experts_up, c.lora_dropout,
-            )
-        return MixtureAdapter(target.in_features, c.adapter_size, c.adapter_activation, c.experts_down, c.experts_up)
+            return MixtureLoRA(target.in_features, target.out_features, c.lora_r, c.lora_alpha, c.experts_down,
+                               c.experts_up, c.lora_dropout, identical=c.expert_init == "identical")
+        return MixtureAdapter(target.in_features, c.adapter_size, c.adapter_activation, c.experts_down, c.experts_up,
+                              init=c.adapter_init, identical=c.expert_init == "identical")
 
     @classmethod
     def locate(cls, model: nn.Module, config: MixtureConfig) -> list[Target]:

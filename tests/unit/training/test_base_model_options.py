@@ -48,7 +48,7 @@ def _train_forward_backward(family, options, consistency, checkpointing):
     mask[1, 7:] = 0
     trainer = SimpleNamespace(model=model, mixtures=mixtures, router=router, mixture_config=config, step=0,
                               args=SimpleNamespace(consistency_weight=1.0 if consistency else 0.0,
-                                                   loss_chunk_tokens=1024))
+                                                   loss_chunk_tokens=1024, label_smoothing_factor=0.0))
     micro_step = RoutedTrainer.micro_step if config.family == "routed" else AdaMixTrainer.micro_step
     torch.manual_seed(11)  # the dropout masks
     sums = micro_step(trainer, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})

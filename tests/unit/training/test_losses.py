@@ -1,4 +1,5 @@
-"""The one-forward consistency loss against two separate forward passes, written out by hand."""
+"""The one-forward consistency loss against two separate forward passes, written out by hand, with and without
+label smoothing (against torch's cross_entropy(label_smoothing=...))."""
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ def _labels(ids):
     return labels
 
 
-def _two_pass_reference(model, router, ids, labels, weight):
-    """task CE of pass 1 + weight * 0.5 * (KL(p1 || sg p2) + KL(p2 || sg p1)), per target-token mean."""
+def _two_pass_reference(model, router, ids, labels, weight, smoothing=0.0):
+    """task CE of pass 1 + weight * 0.5 * (KL(p1 || sg p2) + KL(p2 || sg p1)), per target-token mean, as the AdaMix
+    reference computes it (symmetric_KL_loss: kl_div with 'batchmean' over the target tokens, times the weight)."""
     with router.use_passes(0):
         logits_1 = model(ids).logits[:, :-1].float()
     with router.use_passes(1):
@@ -25,7 +27,7 @@ def _two_pass_reference(model, router, ids, labels, weight):
     keep = targets != -100
     lp1 = F.log_softmax(logits_1[keep], -1)
     lp2 = F.log_softmax(logits_2[keep], -1)
-    ce = F.cross_entropy(logits_1[keep], targets[keep])
+    ce = F.cross_entropy(logits_1[keep], targets[keep], label_smoothing=smoothing)
     kl_12 = F.kl_div(lp2.detach(), lp1, log_target=True, reduction="batchmean")
     kl_21 = F.kl_div(lp1.detach(), lp2, log_target=True, reduction="batchmean")
     return ce + weight * 0.5 * (kl_12 + kl_21)
@@ -39,8 +41,8 @@ def _grads(params):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["adamix-lora", "adamix-adapter"])
-def test_single_forward_equals_two_passes(family, method):
+@pytest.mark.parametrize("method,smoothing", [("adamix-lora", 0.0), ("adamix-adapter", 0.0), ("adamix-lora", 0.1)])
+def test_single_forward_equals_two_passes(family, method, smoothing):
     model, mixtures = tiny_mixtures(family, seed=21, scale=0.5, method=method, num_experts=4, share="none")
     mixtures.router.step = 5
     model.train()
@@ -49,12 +51,13 @@ def test_single_forward_equals_two_passes(family, method):
     labels = _labels(ids)
     weight = 3.0
 
-    sums = causal_lm_losses(model, ids, labels, router=mixtures.router, consistency=True, chunk_tokens=4)
+    sums = causal_lm_losses(model, ids, labels, router=mixtures.router, consistency=True, chunk_tokens=4,
+                            label_smoothing=smoothing)
     loss = sums.mean(weight)
     loss.backward()
     one_forward = _grads(params)
 
-    reference = _two_pass_reference(model, mixtures.router, ids, labels, weight)
+    reference = _two_pass_reference(model, mixtures.router, ids, labels, weight, smoothing)
     reference.backward()
     two_passes = _grads(params)
 
@@ -73,6 +76,34 @@ def test_plain_loss_equals_hugging_face_loss():
     sums = causal_lm_losses(model, ids, labels, chunk_tokens=5)
     assert sums.kl is None
     torch.testing.assert_close(sums.mean(), model(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_equals_torch_and_moves_the_gradient():
+    """The chunked, closed-form smoothed loss and its gradients against torch's cross_entropy(label_smoothing)
+    through autograd on the full logits; smoothing 0.1 must change both (or the comparison proves nothing)."""
+    model, mixtures = tiny_mixtures("llama", seed=1, scale=0.3, num_experts=2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # logits far from uniform, where smoothing changes the loss
+    model.train()
+    mixtures.router.step = 3
+    params = list(mixtures.parameters())
+    ids = batch(rows=2, length=10)
+    labels = _labels(ids)
+    results = {}
+    for smoothing in (0.0, 0.1):
+        loss = causal_lm_losses(model, ids, labels, chunk_tokens=3, label_smoothing=smoothing).mean()
+        loss.backward()
+        ours = _grads(params)
+        logits = model(ids).logits[:, :-1]
+        keep = labels[:, 1:] != -100
+        reference = F.cross_entropy(logits[keep], labels[:, 1:][keep], label_smoothing=smoothing)
+        reference.backward()
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+        for g1, g2 in zip(ours, _grads(params)):
+            torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+        results[smoothing] = (loss.item(), ours[0])
+    assert abs(results[0.0][0] - results[0.1][0]) > 1e-4
+    assert not torch.allclose(results[0.0][1], results[0.1][1])
 
 
 @pytest.mark.parametrize("model_type,scaling", [("cohere", {"logit_scale": 0.3}), ("granite", {"logits_scaling": 4.0})])
@@ -104,8 +135,9 @@ def test_consistency_needs_an_even_split():
         model(batch(rows=3))
 
 
-@pytest.mark.parametrize("softcap,scale", [(None, 1.0), (3.0, 1.0), (None, 0.25), (3.0, 2.5)])
-def test_chunked_head_losses_match_autograd(softcap, scale):
+@pytest.mark.parametrize("softcap,scale,smoothing", [(None, 1.0, 0.0), (3.0, 1.0, 0.0), (None, 0.25, 0.0),
+                                                     (3.0, 2.5, 0.0), (3.0, 2.5, 0.2)])
+def test_chunked_head_losses_match_autograd(softcap, scale, smoothing):
     """token_losses' closed-form gradients against autograd through full logits (logit scale, soft cap)."""
     from adamix_ds import token_losses
 
@@ -115,7 +147,8 @@ def test_chunked_head_losses_match_autograd(softcap, scale):
     h2 = torch.randn(2, 5, 6, generator=g, requires_grad=True)
     labels = torch.randint(0, 11, (2, 5), generator=g)
     labels[0, :2] = -100
-    sums = token_losses(head, h1, labels, hidden_2=h2, chunk_tokens=3, softcap=softcap, scale=scale)
+    sums = token_losses(head, h1, labels, hidden_2=h2, chunk_tokens=3, softcap=softcap, scale=scale,
+                        label_smoothing=smoothing)
     loss = sums.mean(0.7)
     grads = torch.autograd.grad(loss, (h1, h2))
 
@@ -126,7 +159,7 @@ def test_chunked_head_losses_match_autograd(softcap, scale):
     keep = labels[:, 1:] != -100
     lp1 = F.log_softmax(logits(h1)[keep], -1)
     lp2 = F.log_softmax(logits(h2)[keep], -1)
-    ce = F.nll_loss(lp1, labels[:, 1:][keep])
+    ce = F.cross_entropy(logits(h1)[keep], labels[:, 1:][keep], label_smoothing=smoothing)
     kl = 0.5 * ((lp1.exp() * (lp1 - lp2.detach())).sum(-1) + (lp2.exp() * (lp2 - lp1.detach())).sum(-1)).mean()
     reference = ce + 0.7 * kl
     expected = torch.autograd.grad(reference, (h1, h2))
