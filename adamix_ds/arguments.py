@@ -57,6 +57,11 @@ class DataArguments:
                   "column rendered with the tokenizer's chat template; loss on assistant turns only)."},
     )
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    chat_template: Optional[str] = field(
+        default=None,
+        metadata={"help": "A Jinja chat template file (as transformers' chat templates are written) that renders chat "
+                          "data in place of the tokenizer's; chat data with a tokenizer that has none needs it."},
+    )
     eval_split_ratio: float = field(
         default=0.0, metadata={"help": "Hold out this fraction of the training data for evaluation (fixed seed)."}
     )

@@ -18,12 +18,18 @@ def run_main(main: Callable[[], object]) -> int:
     try:
         main()
     except ConfigError as error:
-        print(f"adamix_ds: error: {error}", file=sys.stderr)
+        _say(f"adamix_ds: error: {error}")
         return 2
     except TrainingInterrupted as stop:
-        print(f"adamix_ds: {stop}", file=sys.stderr)
+        _say(f"adamix_ds: {stop}")
         return EXIT_CODE
     return 0
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write, so that ranks sharing the launcher's stderr do not interleave it."""
+    sys.stderr.write(line.replace("\n", " ") + "\n")
+    sys.stderr.flush()
 
 
 def exit_process(code: int) -> NoReturn:

@@ -27,42 +27,30 @@ from ..arguments import DataArguments
 from ..config import ConfigError
 from . import default_task
 from .labels import IGNORE_INDEX
-from .sources import read_dataset
+from .sources import read_examples
 
 logger = logging.getLogger(__name__)
-FORMATS = ("auto", "text", "prompt_completion", "chat")
-COLUMNS = {"text": {"text"}, "prompt_completion": {"prompt", "completion"}, "chat": {"messages"}}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
-def detect_format(columns: list[str], requested: str, path: str) -> str:
-    if requested not in FORMATS:
-        raise ConfigError(f"--data_format={requested!r}: use one of {', '.join(FORMATS)}")
-    found = set(columns)
-    if requested == "auto":
-        matches = [fmt for fmt in ("chat", "prompt_completion", "text") if COLUMNS[fmt] <= found]
-        if not matches:
-            raise ConfigError(f"{path}: no known format; columns found {sorted(found)}; expected one of "
-                              + ", ".join(f"{sorted(c)} ({f})" for f, c in COLUMNS.items()))
-        return matches[0]
-    if not COLUMNS[requested] <= found:
-        raise ConfigError(f"{path}: format {requested} needs columns {sorted(COLUMNS[requested])}; "
-                          f"found {sorted(found)}")
-    return requested
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str, **options) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except Exception as error:  # the template's own errors (jinja2's, or raise_exception in the template)
+        raise ConfigError(f"{where}: the chat template cannot render this conversation ({type(error).__name__}: "
+                          f"{error})") from None
 
 
 def _chat_example(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str) -> tuple[list, list]:
     """Token ids of the rendered conversation; labels on the tokens that overlap an assistant turn's characters
     (its content and the template's end-of-turn text)."""
-    if not any(m.get("role") == "assistant" for m in messages):
-        raise ConfigError(f"{where}: a chat without an assistant turn (nothing to learn)")
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = _render(tokenizer, messages, where)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = _render(tokenizer, messages[:i], where, add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1], where)
         if not (text.startswith(through) and through.startswith(before)):
             raise ConfigError(f"{where}: the chat template does not render conversations prefix by prefix; "
                               "assistant turns cannot be located")
@@ -93,7 +81,7 @@ def _encoder(tokenizer: PreTrainedTokenizerBase, fmt: str, path: str):
                 labels.append([IGNORE_INDEX] * len(p) + c)
         else:
             for row, messages in zip(indices, batch["messages"]):
-                i, l = _chat_example(tokenizer, messages, f"{path} row {row}")
+                i, l = _chat_example(tokenizer, messages, f"{path}: row {row + 1}")
                 ids.append(i)
                 labels.append(l)
         return {"input_ids": ids, "labels": labels}
@@ -161,8 +149,11 @@ def cache_root() -> Path:
 
 
 def _tokenize_into(target: Path, path: str, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase) -> None:
-    raw = read_dataset(path)
-    fmt = detect_format(raw.column_names, data_args.data_format, path)
+    raw, fmt = read_examples(path, data_args.data_format)
+    if fmt == "chat" and not tokenizer.chat_template:
+        raise ConfigError(f"{path}: chat data (a 'messages' column) needs a chat template, and this tokenizer has none; "
+                          "pass --chat_template PATH (a Jinja template file, as transformers' chat templates are "
+                          "written) or use a tokenizer that has one")
     ds = raw.map(_encoder(tokenizer, fmt, path), batched=True, with_indices=True,
                  remove_columns=raw.column_names, desc=f"tokenizing {Path(path).name}")
     ds = _limit(ds, data_args.max_seq_length, data_args.drop_long, data_args.packing, fmt)
@@ -187,15 +178,21 @@ def tokenize(path: str, data_args: DataArguments, tokenizer: PreTrainedTokenizer
     """Read, check and tokenize `path` (every rank calls this; only each node's local rank 0 does the work)."""
     key = fingerprint(path, tokenizer, data_args)
     target = cache_root() / key
-    failure = None
+    failure, message = None, None
     if distributed.local_rank() == 0 and not (target / "COMPLETE").is_file():
         try:
             _tokenize_into(target, path, data_args, tokenizer)
-        except BaseException as error:  # re-raised after the barrier, so no rank waits for ever
-            failure = error
-    distributed.barrier()
+        except ConfigError as error:
+            failure, message = error, str(error)
+        except BaseException as error:  # re-raised after the exchange below, so no rank waits for ever
+            failure, message = error, f"{path}: tokenization failed on rank {distributed.rank()} ({error!r})"
+    # Every rank learns the first failure (this also waits for every node's tokenization), so that every rank
+    # ends with the same message.
+    failed = next((m for m in distributed.all_gather_objects(message) if m is not None), None)
     if failure is not None:
         raise failure
+    if failed is not None:
+        raise ConfigError(failed)
     if not (target / "COMPLETE").is_file():
         raise ConfigError(f"{path}: tokenization on this node's first rank did not finish (cache {target})")
     return datasets.load_from_disk(str(target))

@@ -21,6 +21,16 @@ SENTENCEPIECE_CONFIG = {
 """How a bare sentencepiece model is presented to transformers (ids 0-3: pad, bos, eos, unk)."""
 
 
+def use_chat_template(tokenizer: PreTrainedTokenizerBase, path: str | None) -> None:
+    """--chat_template: the tokenizer renders chat data with this file's template (and saves it with itself)."""
+    if path is None:
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--chat_template {path}: file not found")
+    tokenizer.chat_template = file.read_text(encoding="utf-8")
+
+
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     """The model directory's tokenizer, another tokenizer directory, or a sentencepiece .model file.
 

@@ -4,6 +4,7 @@ ZeRO-3 may have partitioned (sharded.py), the frozen base under ZeRO-3 (sharded_
 
 from .collectives import (
     all_gather_ints,
+    all_gather_objects,
     all_reduce_gradients,
     all_reduce_sum,
     barrier,
@@ -21,7 +22,7 @@ from .collectives import (
 )
 
 __all__ = [
-    "all_gather_ints", "all_reduce_gradients", "all_reduce_sum", "barrier", "broadcast_int", "broadcast_tensors",
-    "check_replicas_agree", "destroy_process_group", "init_process_group", "is_main", "local_rank", "rank",
-    "setup_rank_logging", "tensor_digest", "world_size",
+    "all_gather_ints", "all_gather_objects", "all_reduce_gradients", "all_reduce_sum", "barrier", "broadcast_int",
+    "broadcast_tensors", "check_replicas_agree", "destroy_process_group", "init_process_group", "is_main",
+    "local_rank", "rank", "setup_rank_logging", "tensor_digest", "world_size",
 ]

@@ -142,6 +142,15 @@ def all_gather_ints(value: int) -> list[int]:
     return [int(x.item()) for x in out]
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's picklable `value`, in rank order (small things only: error messages, flags)."""
+    if world_size() == 1:
+        return [value]
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def tensor_digest(tensors) -> int:
     """A 63-bit digest of the exact bytes of `tensors` (in order)."""
     import hashlib

@@ -23,7 +23,7 @@ from ..arguments import DataArguments, ModelArguments, TrainArguments
 from ..config import MixtureConfig
 from ..data.batching import StepSampler, collate
 from ..data.tokenization import train_eval_datasets
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import load_tokenizer, use_chat_template
 from ..distributed.ds_config import BatchPlan, load_ds_config, resolve_ds_config
 from ..distributed.sharded_base import enable_activation_checkpointing, load_base
 from ..export.generation import complete, prompt_of
@@ -69,6 +69,7 @@ class Trainer:
         preflight.check_training_values(args)
         preflight.check_model(model_args, mixture_config, args.gradient_checkpointing)
         self.tokenizer = load_tokenizer(model_args)
+        use_chat_template(self.tokenizer, data_args.chat_template)
         self.train_data, self.eval_data = train_eval_datasets(data_args, self.tokenizer, self.seed)
         world = distributed.world_size()
         self.ds_config, self.plan = resolve_ds_config(

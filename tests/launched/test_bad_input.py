@@ -1,17 +1,46 @@
-"""Bad input through the real entry point: one line on stderr and exit code 2, before any model is built."""
+"""Bad input through the real entry point on 2 ranks: every rank ends with the same one line and exit code 2,
+before any model is built, and nothing is written as a checkpoint; a valid file of the same kind trains."""
 
 import json
+import re
 
+import pytest
 from launching import run_entry
 
+CASES = {
+    "wrong-type.jsonl": ('{"prompt": "a =>", "completion": " b"}\n{"prompt": "c =>", "completion": 7}\n',
+                         r"wrong-type\.jsonl: line 2: column 'completion' must be a non-empty string; found int 7"),
+    "latin1.csv": ("text\nThe Mill\nCaf\xe9 Rouge\n".encode("latin-1"),
+                   r"latin1\.csv: line 3 is not UTF-8 text"),
+    "chat.jsonl": (json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "hello"}]}) + "\n",
+                   r"chat\.jsonl: chat data \(a 'messages' column\) needs a chat template.*--chat_template PATH"),
+}
 
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_rank_refuses_bad_input_with_the_same_line(tmp_path, name):
+    content, message = CASES[name]
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    out = tmp_path / "out"
+    proc = run_entry("train.py", ["--data_path", str(path), "--output_dir", str(out), "--max_steps", "1"],
+                     ranks=2, check=False, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "adamix_ds: error:" in line]
+    assert len(errors) == 2, output[-3000:]  # one line from each rank
+    assert len({line.split("adamix_ds: error:", 1)[1] for line in errors}) == 1, errors
+    assert re.search(message, errors[0]), errors[0]
+    assert "Traceback" not in output
+    assert not (out / "checkpoints").exists()
 
 
-def test_bad_input_exits_with_code_2(tmp_path):
-    path = _jsonl(tmp_path / "bad.jsonl", [{"question": "a"}])
-    proc = run_entry("train.py", ["--data_path", path, "--output_dir", str(tmp_path / "out")], check=False)
-    assert proc.returncode == 2
-    assert "adamix_ds: error:" in proc.stderr and "columns found ['question']" in proc.stderr
+def test_a_valid_file_of_the_same_kind_trains(tmp_path):
+    path = tmp_path / "good.jsonl"
+    path.write_text('{"prompt": "a =>", "completion": " b"}\n{"prompt": "c =>", "completion": " d"}\n' * 4)
+    out = tmp_path / "out"
+    run_entry("train.py", ["--data_path", str(path), "--output_dir", str(out), "--max_steps", "1",
+                           "--per_device_train_batch_size", "2", "--num_samples", "0", "--merge_at_end", "false"],
+              ranks=2, timeout=180)
+    assert (out / "checkpoints" / "step-1" / "COMPLETE").is_file()

@@ -75,7 +75,7 @@ def test_chat_loss_on_assistant_turns_only(tmp_path, cache, tokenizer):
         ("cols2.jsonl", '{"prompt": "a"}\n', "prompt_completion", r"needs columns \['completion', 'prompt'\]; found \['prompt'\]"),
         ("broken.jsonl", '{"text": "ok"}\n{"text": "no end"\n', "auto", "line 2 is not valid JSON"),
         ("fmt.jsonl", '{"text": "ok"}\n', "markdown", "--data_format='markdown'"),
-        ("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', "chat", "row 0: a chat without an assistant turn"),
+        ("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', "chat", "line 1: a chat without an assistant turn"),
         ("empty.jsonl", '{"prompt": "a long prompt that fills everything", "completion": " x"}\n', "auto",
          "no example has a target token left"),
     ],
@@ -127,7 +127,7 @@ def test_other_ranks_reuse_the_first_ranks_tokens(tmp_path, cache, tokenizer, mo
     monkeypatch.setattr(distributed, "local_rank", lambda: 0)
     first = tokenize(path, args, tokenizer)
     monkeypatch.setattr(distributed, "local_rank", lambda: 1)
-    monkeypatch.setattr("adamix_ds.data.tokenization.read_dataset", lambda *a: pytest.fail("rank 1 read the data"))
+    monkeypatch.setattr("adamix_ds.data.tokenization.read_examples", lambda *a: pytest.fail("rank 1 read the data"))
     assert tokenize(path, args, tokenizer)["input_ids"] == first["input_ids"]
     assert len(list(cache.glob("tokenized/*"))) == 1
 
