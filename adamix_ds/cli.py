@@ -10,16 +10,22 @@ import threading
 from typing import Callable, NoReturn
 
 from .config import ConfigError
+from .distributed.storage import StorageError
 from .training.termination import EXIT_CODE, TrainingInterrupted
 
 
 def run_main(main: Callable[[], object]) -> int:
-    """Exit codes: 0 done, 2 a configuration error, 143 stopped by SIGTERM after saving a checkpoint."""
+    """Exit codes: 0 done, 1 an output could not be written (and other failures), 2 a configuration error, 143
+    stopped by SIGTERM after saving a checkpoint."""
     try:
         main()
     except ConfigError as error:
         _say(f"adamix_ds: error: {error}")
         return 2
+    except StorageError as error:
+        if error.rank == 0:  # every rank raises the same one: the job says it once
+            _say(f"adamix_ds: error: {error}")
+        return 1
     except TrainingInterrupted as stop:
         _say(f"adamix_ds: {stop}")
         return EXIT_CODE

@@ -14,6 +14,7 @@ from ..config import ConfigError
 from ..data.tokenizer import load_tokenizer
 from ..distributed.ds_config import load_ds_config, resolve_ds_config
 from ..distributed.sharded_base import load_base
+from ..distributed.storage import StorageError
 from .merged_model import export_mixtures
 from .mixture_checkpoint import load_mixtures
 
@@ -55,6 +56,9 @@ def _merge(model_args: ModelArguments, args: MergeArguments) -> dict[str, str]:
                                      steps_for=lambda plan: 1)
     base = load_base(model_args, ds_config, vocab_size=len(tokenizer), seed=args.seed)
     mixtures = load_mixtures(base.model, args.checkpoint).to(base.device)
-    out = export_mixtures(base.model, mixtures, Path(args.output_dir), tokenizer, model_args.model_name_or_path)
+    try:
+        out = export_mixtures(base.model, mixtures, Path(args.output_dir), tokenizer, model_args.model_name_or_path)
+    except StorageError as error:
+        raise StorageError(f"{error}; the checkpoint {args.checkpoint} is unchanged: free space and rerun") from None
     logger.info("merged outputs: %s", out)
     return out

@@ -26,6 +26,7 @@ from torch import nn
 from .. import distributed
 from ..config import ADAMIX, ROUTED
 from ..distributed.sharded import full_numel, gathered
+from ..distributed.storage import agreed_writes, require_free_space
 from ..methods.adamix.merging import merge_experts
 from ..methods.adamix.mixture_set import MixtureSet
 from ..methods.hooks import HookedMixtures
@@ -79,6 +80,8 @@ def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenize
         raise ValueError(f"merged weights {lost} are not saved under their own name (tied to another weight?); "
                          "their LoRA delta would be lost")
     owners = _owners(entries, world)
+    total = sum(full_numel(t) * t.element_size() for _, t in entries)
+    require_free_space(directory, total, f"writing the merged model {directory}")
     shard_name = f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
     shard = {}
     for (name, tensor), owner in zip(entries, owners):
@@ -89,19 +92,19 @@ def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenize
                     delta, transposed = deltas[name]
                     value = (value.float() + (delta.T if transposed else delta)).to(value.dtype)
                 shard[name] = value.contiguous()
-    save_file(shard, directory / shard_name,
-              metadata={"format": "pt", "written_by": f"rank {rank} of {world} on {socket.gethostname()}"})
-    if rank == 0:
-        weight_map = {name: f"model-{o + 1:05d}-of-{world:05d}.safetensors" for (name, _), o in zip(entries, owners)}
-        total = sum(full_numel(t) * t.element_size() for _, t in entries)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        model.config.save_pretrained(directory)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-    distributed.barrier()
+    with agreed_writes(f"writing the merged model {directory}"):
+        save_file(shard, directory / shard_name,
+                  metadata={"format": "pt", "written_by": f"rank {rank} of {world} on {socket.gethostname()}"})
+        if rank == 0:
+            weight_map = {name: f"model-{o + 1:05d}-of-{world:05d}.safetensors"
+                          for (name, _), o in zip(entries, owners)}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            model.config.save_pretrained(directory)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(directory)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
     return directory
 
 
@@ -111,9 +114,9 @@ def export_with_mixtures(model: nn.Module, mixtures: HookedMixtures, output_dir:
     written there whole, so its name is not needed)."""
     distributed.check_replicas_agree([p for _, p in mixtures.named_tensors()], "mixture weights")
     model_dir = write_merged_model(model, {}, Path(output_dir) / "merged" / "model", tokenizer)
-    if distributed.is_main():
-        save_mixtures(mixtures, model_dir)
-    distributed.barrier()
+    with agreed_writes(f"writing the mixture beside the model in {model_dir}"):
+        if distributed.is_main():
+            save_mixtures(mixtures, model_dir)
     return {"model": str(model_dir)}
 
 
@@ -124,11 +127,12 @@ def merge_and_export(model: nn.Module, mixtures: HookedMixtures, output_dir: Pat
     merged = merge_experts(mixtures)
     out = {}
     adapter_dir = Path(output_dir) / "merged" / "adapter"
-    if distributed.is_main():
-        if mixtures.config.is_lora:
-            export_peft_adapter(merged, adapter_dir, base_model_name_or_path)
-        else:
-            save_mixtures(merged, adapter_dir)
+    with agreed_writes(f"writing the merged adapter {adapter_dir}"):
+        if distributed.is_main():
+            if mixtures.config.is_lora:
+                export_peft_adapter(merged, adapter_dir, base_model_name_or_path)
+            else:
+                save_mixtures(merged, adapter_dir)
     out["adapter"] = str(adapter_dir)
     if mixtures.config.is_lora:
         model_dir = Path(output_dir) / "merged" / "model"
@@ -136,7 +140,6 @@ def merge_and_export(model: nn.Module, mixtures: HookedMixtures, output_dir: Pat
     else:
         logger.info("adapter methods have no folded full model (an adapter is not a weight delta); "
                     "serve base + merged/adapter")
-    distributed.barrier()
     return out
 
 

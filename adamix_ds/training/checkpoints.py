@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import distributed
 from ..config import ConfigError
+from ..distributed.storage import StorageError, agreed_writes
 from ..export.mixture_checkpoint import (
     WEIGHTS_NAME,
     check_config_matches,
@@ -87,19 +88,33 @@ def save_checkpoint(output_dir, state: TrainerState, write_contents: Callable[[P
     publishes step-N atomically and prunes to the newest `keep` checkpoints."""
     root = checkpoints_dir(output_dir)
     final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
-    if distributed.is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    distributed.barrier()
-    record = write_contents(tmp)
-    distributed.barrier()
-    if distributed.is_main():
-        (tmp / STATE_NAME).write_text(json.dumps({"trainer": asdict(state), **record}, indent=2) + "\n")
-        publish_checkpoint(tmp, final)
-        prune_checkpoints(output_dir, keep, final)
-    distributed.barrier()
+    survives = what_survives(output_dir) + "; free space, then continue with --resume_from_checkpoint auto"
+    try:
+        with agreed_writes(f"saving checkpoint {final}", survives):
+            if distributed.is_main():
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+        with agreed_writes(f"saving checkpoint {final}", survives):
+            record = write_contents(tmp)
+        with agreed_writes(f"saving checkpoint {final}", survives):
+            if distributed.is_main():
+                (tmp / STATE_NAME).write_text(json.dumps({"trainer": asdict(state), **record}, indent=2) + "\n")
+                publish_checkpoint(tmp, final)
+                prune_checkpoints(output_dir, keep, final)
+    except StorageError:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial save, to give the space back
+        raise
     return final
+
+
+def what_survives(output_dir) -> str:
+    """The newest complete checkpoint, in words (for a failure's message)."""
+    complete = complete_checkpoints(output_dir)
+    if not complete:
+        return "no checkpoint is complete yet"
+    return f"checkpoints up to {complete[-1].name} are complete ({complete[-1]})"
 
 
 def write_replicated_state(directory: Path, mixtures: HookedMixtures, optimizer, scheduler) -> dict:

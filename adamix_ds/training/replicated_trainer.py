@@ -136,6 +136,11 @@ class ReplicatedTrainer(Trainer):
     def verify(self) -> None:
         distributed.check_replicas_agree(self._replicated_state(), "mixture weights or optimizer states")
 
+    def rerun_export(self) -> str:
+        checkpoint = self.output_dir / "checkpoints" / f"step-{self.step}"
+        return (f"rerun the export with launch/merge.py --checkpoint {checkpoint} --output_dir {self.output_dir} "
+                f"--model_name_or_path {self.model_args.model_name_or_path} --seed {self.args.seed}")
+
     def export(self) -> dict:
         """The family's export (AdaMix: the experts averaged into one module; routed: base and whole mixture)."""
         return export_mixtures(self.model, self.mixtures, self.output_dir, self.tokenizer,

@@ -26,11 +26,12 @@ from ..data.tokenization import train_eval_datasets
 from ..data.tokenizer import load_tokenizer, use_chat_template
 from ..distributed.ds_config import BatchPlan, load_ds_config, resolve_ds_config
 from ..distributed.sharded_base import enable_activation_checkpointing, load_base
+from ..distributed.storage import StorageError
 from ..export.generation import complete, prompt_of
 from ..hashing import counter_hash
 from ..methods.accounting import ParameterCount
 from . import preflight
-from .checkpoints import TrainerState, find_resume_checkpoint, read_trainer_state, save_checkpoint
+from .checkpoints import TrainerState, find_resume_checkpoint, read_trainer_state, save_checkpoint, what_survives
 from .monitoring import Monitor, peak_memory_gb
 from .termination import TerminationRequest, TrainingInterrupted
 
@@ -117,6 +118,11 @@ class Trainer:
 
     def verify(self) -> None:
         """Checks before the final checkpoint (collective)."""
+
+    def rerun_export(self) -> str:
+        """How to write the export again from the final checkpoint (a failure's message says it)."""
+        return ("rerun the same command with --resume_from_checkpoint auto (it resumes at the last step and only "
+                "evaluates and exports)")
 
     # Shared by every method.
     def batch(self, rows: list[int], data) -> dict:
@@ -215,7 +221,11 @@ class Trainer:
             self._log(final)
         self.verify()
         self.save()
-        merged = self.export() if args.merge_at_end else {}
+        try:
+            merged = self.export() if args.merge_at_end else {}
+        except StorageError as error:
+            raise StorageError(f"{error}; {what_survives(self.output_dir)}; free space, then "
+                               f"{self.rerun_export()}") from None
         samples = self.write_samples()
         summary = {"final_step": self.step, "final_eval": final, "merged": merged, "samples": samples,
                    "parameters": self.parameter_count.to_dict()}
