@@ -10,8 +10,13 @@ from conftest import tiny_mixtures
 from adamix_ds.distributed import storage
 from adamix_ds.distributed.storage import StorageError, require_free_space, size_text
 from adamix_ds.export import merged_model
-from adamix_ds.training.checkpoints import (TrainerState, complete_checkpoints, save_checkpoint, what_survives,
-                                            write_replicated_state)
+from adamix_ds.training.checkpoints import (
+    TrainerState,
+    complete_checkpoints,
+    save_checkpoint,
+    what_survives,
+    write_replicated_state,
+)
 
 
 def _no_space(*args, **kwargs):
