@@ -209,7 +209,7 @@ class Trainer:
             if self.termination.agreed():
                 self.save()
                 self.close()
-                raise TrainingInterrupted(f"stopped by SIGTERM after step {self.step}; checkpoint saved under "
+                raise TrainingInterrupted(f"stopped by {self.termination.cause} after step {self.step}; checkpoint saved under "
                                           f"{self.output_dir / 'checkpoints'}; continue with "
                                           "--resume_from_checkpoint auto")
             if args.eval_steps > 0 and self.step % args.eval_steps == 0 and self.step < self.total_steps:

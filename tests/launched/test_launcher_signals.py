@@ -1,0 +1,126 @@
+"""A stop signal to the one process the user started (what `kill <pid>`, `docker stop` and Kubernetes send), for
+each launcher: the ranks finish the step, save a complete checkpoint and end; none trains on as an orphan."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from launching import REPO, cpu_env, free_port
+from slurm_cluster import missing_binaries, single_node_cluster
+
+STEPS = 100000
+
+
+def _train_args(out: Path) -> list[str]:
+    return [str(REPO / "launch" / "train.py"), "--model_name_or_path", "tiny:llama", "--max_steps", str(STEPS),
+            "--max_seq_length", "48", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+            "--num_samples", "0", "--eval_steps", "0", "--save_steps", "100000", "--merge_at_end", "false",
+            "--output_dir", str(out)]
+
+
+def _ranks_of(out: Path) -> list[int]:
+    """Processes whose command line names this run's output directory (the ranks and the per-node launcher)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if str(out) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _stop_the_launcher_alone(command: list[str], out: Path, log: Path, env: dict) -> tuple[int, str]:
+    """Start `command`, SIGTERM its first process once step 3 is logged, and wait until no process of the run is
+    left; (the launcher's exit status, the log)."""
+    with open(log, "w") as handle:
+        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while f"step 3/{STEPS}" not in log.read_text(errors="replace"):
+            assert launcher.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-4000:]
+            time.sleep(0.5)
+        os.kill(launcher.pid, signal.SIGTERM)
+        launcher.wait(timeout=60)
+        deadline = time.time() + 60
+        while _ranks_of(out) and time.time() < deadline:
+            time.sleep(0.5)
+        left = _ranks_of(out)
+        assert not left, f"processes of the run still alive after the launcher ended: {left}"
+        return launcher.returncode, log.read_text(errors="replace")
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _saved_after_step_3(out: Path, output: str) -> None:
+    saved = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").is_file()]
+    assert len(saved) == 1, output[-4000:]
+    step = int(saved[0].name.split("-")[1])
+    assert 3 <= step < STEPS
+    assert output.count(f"after step {step}; checkpoint saved under") == 2, output[-4000:]  # both ranks said so
+
+
+def test_sigterm_to_the_deepspeed_runner_alone(tmp_path):
+    """The runner does not forward it on one node and exits at once; the ranks see it go and stop."""
+    out = tmp_path / "run"
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), *_train_args(out)]
+    status, output = _stop_the_launcher_alone(command, out, tmp_path / "log", cpu_env())
+    assert status == -signal.SIGTERM  # a shell reports 143
+    assert "the end of the launcher deepspeed (pid" in output
+    _saved_after_step_3(out, output)
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no MPI launcher (pip install mpich mpi4py)")
+def test_sigterm_to_mpiexec_alone(tmp_path):
+    out = tmp_path / "run"
+    command = ["mpiexec", "-n", "2", "python", *_train_args(out)]
+    status, output = _stop_the_launcher_alone(command, out, tmp_path / "log", cpu_env(MASTER_PORT=str(free_port())))
+    assert status in (143, -signal.SIGTERM), output[-4000:]
+    _saved_after_step_3(out, output)
+
+
+@pytest.mark.skipif(bool(missing_binaries()), reason=f"SLURM/munge not installed ({missing_binaries()})")
+def test_srun_kills_its_tasks_on_sigterm_and_scancel_signal_term_stops_them_gracefully(tmp_path):
+    """srun turns a SIGTERM it receives into SIGKILL of its tasks (Slurm's job_force_termination), so no rank can
+    save then: every rank is gone at once and the last complete checkpoint survives. `scancel --signal=TERM` (as
+    preemption and the time limit do) reaches the ranks themselves: they save and exit with 143."""
+    out = tmp_path / "run"
+    ranks = "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec python \"$@\""
+    with single_node_cluster(tmp_path / "cluster") as cluster_env:
+        env = cpu_env(SLURM_CONF=cluster_env["SLURM_CONF"], MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        command = ["srun", "--mpi=none", "--ntasks=2", "--cpus-per-task=1", f"--chdir={REPO}", "bash", "-c", ranks,
+                   "bash", *_train_args(out), "--save_steps", "2", "--save_total_limit", "1"]
+        status, output = _stop_the_launcher_alone(command, out, tmp_path / "log", env)
+        assert status != 0 and "forcing job termination" in output
+        assert "checkpoint saved under" not in output  # SIGKILL: no rank had the chance
+        assert [p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").is_file()]
+
+        resumed = command + ["--resume_from_checkpoint", "auto"]
+        with open(tmp_path / "log2", "w") as handle:
+            srun = subprocess.Popen(resumed, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            deadline = time.time() + 180
+            while "resumed from" not in (tmp_path / "log2").read_text(errors="replace"):
+                assert srun.poll() is None and time.time() < deadline, (tmp_path / "log2").read_text()[-4000:]
+                time.sleep(0.5)
+            job = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
+            subprocess.run(["scancel", "--signal=TERM", job[0]], env=env, check=True)
+            srun.wait(timeout=120)
+        finally:
+            try:
+                os.killpg(srun.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    output = (tmp_path / "log2").read_text(errors="replace")
+    assert srun.returncode == 143, output[-4000:]
+    assert output.count("stopped by SIGTERM after step") == 2, output[-4000:]
