@@ -16,7 +16,8 @@ Rows (same targets q_proj, v_proj, same rank):
   i  moa-sparse with the threshold set so that about half the (token, expert) pairs are active
   j  moa-sparse with about a quarter active
 Rows alternate (a b c ... a b c ...) so that drift on a shared machine hits all rows alike; the first
-visit of every row is warm-up. Results go to benchmarks/results/<name>.json and .md.
+visit of every row is warm-up. Results go to benchmarks/results/<name>.json and .md (or --results_dir).
+A row may change the micro-batch or the experts of the AdaMix rows: --rows b,d,b@micro=8,d@micro=8,c@experts=16.
 """
 
 from __future__ import annotations
@@ -67,13 +68,40 @@ def parse() -> argparse.Namespace:
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--rounds", type=int, default=4, help="visits of every row (the first is warm-up)")
     p.add_argument("--steps", type=int, default=3, help="steps per visit")
-    p.add_argument("--rows", default="abcdefghij")
+    p.add_argument("--rows", default="abcdefghij",
+                   help="row letters (abcdefghij), or comma-separated rows with settings: b,d@micro=8,c@experts=16")
+    p.add_argument("--results_dir", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--deepspeed", default="ds_configs/zero3.json")
     p.add_argument("--name", default=None, help="results file name (default: derived from the device)")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="the device's dense peak TFLOP/s per rank for MFU (default: known GPUs, e.g. H100 989 bf16)")
     p.add_argument("--local_rank", type=int, default=-1)
     return p.parse_args()
+
+
+def row_specs(text: str) -> list[tuple[str, str, dict]]:
+    """(name, row letter, settings) of each row: 'abc' or 'b,d@micro=8,c@experts=16'."""
+    items = text.split(",") if "," in text or "@" in text else list(text)
+    specs = []
+    for item in items:
+        key, _, settings = item.partition("@")
+        if key not in ROWS:
+            raise SystemExit(f"--rows: unknown row {key!r} in {text!r}")
+        values = dict(pair.split("=") for pair in settings.split(";") if pair)
+        unknown = set(values) - {"micro", "experts"}
+        if unknown:
+            raise SystemExit(f"--rows: unknown settings {sorted(unknown)} in {item!r} (micro, experts)")
+        specs.append((item, key, {k: int(v) for k, v in values.items()}))
+    return specs
+
+
+def row_label(name: str) -> str:
+    """The row's description with its settings: 'AdaMix-LoRA M=16', '... (micro-batch 8)'."""
+    _, key, settings = row_specs(name)[0]
+    label = ROWS[key]
+    if "experts" in settings:
+        label = label.replace("M=4", f"M={settings['experts']}")
+    return label + (f" (micro-batch {settings['micro']})" if "micro" in settings else "")
 
 
 class MixtureRow:
@@ -232,26 +260,28 @@ def main() -> None:
                                      world, steps_for=lambda plan: 10_000)
     base = load_base(ModelArguments(model_name_or_path=args.model), ds_config, vocab_size=args.vocab, seed=0)
     device = base.device
-    rows = {}
-    for key in args.rows:
+    rows, micro = {}, {}
+    for name, key, settings in row_specs(args.rows):
+        micro[name] = settings.get("micro", args.micro)
         if key == "a":
-            rows[key] = PeftRow(args, ds_config)
+            rows[name] = PeftRow(args, ds_config)
         elif key in "bcde":
-            m = 1 if key == "b" else 4
+            m = 1 if key == "b" else settings.get("experts", 4)
             method = "lora" if key == "b" else "adamix-lora"
             consistency = {"d": "one_forward", "e": "two_forwards"}.get(key)
-            rows[key] = MixtureRow(base.model, MixtureConfig(method=method, num_experts=m, share="none" if m > 1 else "up",
-                                                             lora_r=4, lora_alpha=32), device, consistency)
+            rows[name] = MixtureRow(base.model, MixtureConfig(method=method, num_experts=m,
+                                                              share="none" if m > 1 else "up", lora_r=4, lora_alpha=32),
+                                    device, consistency)
         elif key == "f":
-            rows[key] = MixtureRow(base.model, MixtureConfig(method="adamix-adapter", num_experts=4, share="none"),
-                                   device, None)
+            rows[name] = MixtureRow(base.model, MixtureConfig(method="adamix-adapter", num_experts=4, share="none"),
+                                    device, None)
         elif key == "g":
-            rows[key] = MixtureRow(base.model, MixtureConfig(method="moa-soft"), device, None)
+            rows[name] = MixtureRow(base.model, MixtureConfig(method="moa-soft"), device, None)
         elif key == "h":
-            rows[key] = MixtureRow(base.model, MixtureConfig(method="moa-sparse"), device, None)
+            rows[name] = MixtureRow(base.model, MixtureConfig(method="moa-sparse"), device, None)
         else:
-            rows[key] = MixtureRow(base.model, MixtureConfig(method="moa-sparse", max_threshold=1.0), device, None)
-            set_active_share(rows[key], SPARSE_SHARE[key], args, device)
+            rows[name] = MixtureRow(base.model, MixtureConfig(method="moa-sparse", max_threshold=1.0), device, None)
+            set_active_share(rows[name], SPARSE_SHARE[key], args, device)
     generator = torch.Generator().manual_seed(distributed.rank())
     times: dict[str, list[float]] = {key: [] for key in rows}
     memory: dict[str, float] = {}
@@ -261,7 +291,7 @@ def main() -> None:
             row.enter()
             per_row_memory = reset_peak_memory() and per_row_memory
             for _ in range(args.steps):
-                ids = torch.randint(4, args.vocab, (args.micro, args.seq), generator=generator).to(device)
+                ids = torch.randint(4, args.vocab, (micro[key], args.seq), generator=generator).to(device)
                 distributed.barrier()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
@@ -274,9 +304,9 @@ def main() -> None:
                     times[key].append(time.perf_counter() - start)
             memory[key] = max(memory.get(key, 0.0), peak_memory_gb())
             row.leave()
-    tokens_per_step = args.micro * args.seq * world
-    results = {key: {"row": ROWS[key], **summarise(times[key], tokens_per_step), "peak_memory_gb": memory[key]}
-               for key in rows}
+    results = {name: {"row": row_label(name), "micro": micro[name],
+                      **summarise(times[name], micro[name] * args.seq * world), "peak_memory_gb": memory[name]}
+               for name in rows}
     peak = peak_tflops(args)
     if peak:
         flops = model_flops_per_token(base.model, args.seq)
@@ -339,9 +369,10 @@ def write_results(args, results: dict, merge: dict, ds_config: dict, world: int,
                      + (f" {100 * r['mfu']:.1f}% |" if with_mfu else ""))
     if merge:
         lines += ["", "| merge | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in merge.items()]
-    directory = Path(__file__).resolve().parent / "results"
-    directory.mkdir(exist_ok=True)
-    record = {"device": device, "world_size": world, "args": vars(args), "rows": results, "merge": merge,
+    directory = args.results_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    record = {"device": device, "world_size": world, "args": arguments, "rows": results, "merge": merge,
               "memory": memory_header(per_row_memory)}
     (directory / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (directory / f"{name}.md").write_text("\n".join(lines) + "\n")
