@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -233,14 +234,21 @@ def run_parts(out: Path, cpu: bool, parts: list[str]) -> dict:
             continue
         log = out / f"{part}.log"
         begun = time.perf_counter()
-        try:
-            with open(log, "w") as handle:
-                code = subprocess.run([sys.executable, __file__, "--part", part, "--out", str(out)]
-                                      + (["--cpu"] if cpu else []), env=_env(cpu), stdout=handle,
-                                      stderr=subprocess.STDOUT, timeout=limit).returncode
-            status = "ok" if code == 0 else f"failed (exit {code}; see {log.name})"
-        except subprocess.TimeoutExpired:
-            status = f"timed out after {limit:.0f} s"
+        with open(log, "w") as handle:  # a session of its own: a timeout ends the launcher and ranks it started
+            process = subprocess.Popen([sys.executable, __file__, "--part", part, "--out", str(out)]
+                                       + (["--cpu"] if cpu else []), env=_env(cpu), stdout=handle,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = process.wait(timeout=limit)
+                status = "ok" if code == 0 else f"failed (exit {code}; see {log.name})"
+            except subprocess.TimeoutExpired:
+                status = f"timed out after {limit:.0f} s"
+            finally:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
         result_file = out / f"{part}.json"
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
         if status == "ok" and not result.get("ok", False):

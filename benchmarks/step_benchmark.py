@@ -91,6 +91,8 @@ def row_specs(text: str) -> list[tuple[str, str, dict]]:
         unknown = set(values) - {"micro", "experts"}
         if unknown:
             raise SystemExit(f"--rows: unknown settings {sorted(unknown)} in {item!r} (micro, experts)")
+        if "experts" in values and key not in "cde":
+            raise SystemExit(f"--rows: {item!r}: experts apply to the AdaMix-LoRA rows c, d and e")
         specs.append((item, key, {k: int(v) for k, v in values.items()}))
     return specs
 
@@ -316,7 +318,7 @@ def main() -> None:
         share = active_share(row)
         if share is not None:
             results[key]["active_share"] = share
-            results[key]["row"] = f"{ROWS[key]} ({100 * share:.0f}% of (token, expert) pairs active)"
+            results[key]["row"] = f"{row_label(key)} ({100 * share:.0f}% of (token, expert) pairs active)"
     merge = measure_merge(base, rows, args)
     if distributed.is_main():
         write_results(args, results, merge, ds_config, world, per_row_memory)

@@ -9,6 +9,7 @@ broken line or a value of the wrong type without saying where.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import datasets
 
@@ -59,7 +60,17 @@ def _read_json(file: Path, requested_format: str, option: str) -> tuple[datasets
         raise ConfigError(f"{option} {file}: no examples (no JSON object in it)")
     fmt = detect_format(columns, requested_format, str(file))
     check_examples(json_rows(file, option), fmt, f"{option} {file}")
-    return datasets.Dataset.from_list([_used(row, fmt) for _, row in json_rows(file, option)]), fmt
+    stat = file.stat()  # keys datasets' generator cache, so that a changed file is read again
+    dataset = datasets.Dataset.from_generator(
+        _used_rows, keep_in_memory=True,
+        gen_kwargs={"file": str(file), "fmt": fmt, "option": option, "version": (stat.st_size, stat.st_mtime_ns)})
+    return dataset, fmt
+
+
+def _used_rows(file: str, fmt: str, option: str, version: tuple) -> Iterator[dict]:
+    """The checked rows' used columns, streamed into Arrow (never all of them as Python objects at once)."""
+    for _, row in json_rows(Path(file), option):
+        yield _used(row, fmt)
 
 
 def read_examples(path: str, requested_format: str, option: str = "--data_path") -> tuple[datasets.Dataset, str]:

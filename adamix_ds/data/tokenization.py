@@ -178,21 +178,22 @@ def tokenize(path: str, data_args: DataArguments, tokenizer: PreTrainedTokenizer
     """Read, check and tokenize `path` (every rank calls this; only each node's local rank 0 does the work)."""
     key = fingerprint(path, tokenizer, data_args)
     target = cache_root() / key
-    failure, message = None, None
+    failure, report = None, None
     if distributed.local_rank() == 0 and not (target / "COMPLETE").is_file():
         try:
             _tokenize_into(target, path, data_args, tokenizer)
         except ConfigError as error:
-            failure, message = error, str(error)
+            failure, report = error, ("config", str(error))
         except BaseException as error:  # re-raised after the exchange below, so no rank waits for ever
-            failure, message = error, f"{path}: tokenization failed on rank {distributed.rank()} ({error!r})"
-    # Every rank learns the first failure (this also waits for every node's tokenization), so that every rank
-    # ends with the same message.
-    failed = next((m for m in distributed.all_gather_objects(message) if m is not None), None)
+            failure, report = error, ("other", f"{path}: tokenization failed on rank {distributed.rank()} ({error!r})")
+    # Every rank learns the first failure (this also waits for every node's tokenization): bad data ends every
+    # rank with the same line; anything else is raised as what it is on its rank and reported on the others.
+    failed = next((r for r in distributed.all_gather_objects(report) if r is not None), None)
     if failure is not None:
         raise failure
     if failed is not None:
-        raise ConfigError(failed)
+        kind, message = failed
+        raise ConfigError(message) if kind == "config" else RuntimeError(message)
     if not (target / "COMPLETE").is_file():
         raise ConfigError(f"{path}: tokenization on this node's first rank did not finish (cache {target})")
     return datasets.load_from_disk(str(target))

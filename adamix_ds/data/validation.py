@@ -15,6 +15,7 @@ from ..config import ConfigError
 FORMATS = ("auto", "text", "prompt_completion", "chat")
 COLUMNS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
 ROLES = ("system", "user", "assistant", "tool")
+"""The usual roles; a template may know others (developer, ipython, ...), so any non-empty name is accepted."""
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 
 
@@ -60,8 +61,10 @@ def _messages(value, where: str) -> None:
         at = f"{where}: column 'messages', message {turn}"
         if not isinstance(message, dict):
             raise ConfigError(f"{at} must be an object with 'role' and 'content'; found {_describe(message)}")
-        if message.get("role") not in ROLES:
-            raise ConfigError(f"{at}: 'role' must be one of {', '.join(ROLES)}; found {_describe(message.get('role'))}")
+        role = message.get("role")
+        if not isinstance(role, str) or not role.strip():
+            raise ConfigError(f"{at}: 'role' must be a non-empty string (for example {', '.join(ROLES)}); found "
+                              f"{_describe(role)}")
         content = message.get("content")
         if not isinstance(content, str) or (message["role"] == "assistant" and not content.strip()):
             wanted = "a non-empty string" if message["role"] == "assistant" else "a string"

@@ -33,6 +33,9 @@ def init_process_group(timeout_s: float = 1800.0) -> None:
     port = int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT))
     deepspeed.init_distributed(auto_mpi_discovery=True, verbose=False, distributed_port=port,
                                timeout=datetime.timedelta(seconds=timeout_s))
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().set_device(local_rank())  # object collectives use the current device (NCCL)
 
 
 def setup_rank_logging() -> None:

@@ -33,14 +33,16 @@ def _agree(failure: str | None, survives: str) -> None:
 
 @contextlib.contextmanager
 def agreed_writes(what: str, survives: str = ""):
-    """Collective: run the block's writes (no collective inside it); an OSError on any rank becomes the same
-    StorageError on every rank after the block."""
+    """Collective: run the block's writes (no collective inside it); a failure on any rank (an OSError, or what
+    safetensors and torch raise on a full disk) becomes the same StorageError on every rank after the block."""
     failure = None
     try:
         yield
     except OSError as error:
         where = f" {error.filename}" if error.filename else ""
         failure = f"{what} failed on rank {collectives.rank()}:{where}: {error.strerror or error}"
+    except Exception as error:  # noqa: BLE001 - every failure must reach the exchange, or the other ranks wait
+        failure = f"{what} failed on rank {collectives.rank()}: {type(error).__name__}: {error}"
     _agree(failure, survives)
 
 

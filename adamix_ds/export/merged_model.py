@@ -73,7 +73,8 @@ def folded_deltas(mixtures: MixtureSet) -> dict[str, tuple[torch.Tensor, bool]]:
 def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenizer=None) -> Path:
     """Collective: the full model with each weight W + delta (see folded_deltas), one safetensors shard per rank."""
     rank, world = distributed.rank(), distributed.world_size()
-    directory.mkdir(parents=True, exist_ok=True)
+    with agreed_writes(f"creating {directory}"):
+        directory.mkdir(parents=True, exist_ok=True)
     entries = _saved_tensors(model)
     lost = sorted(set(deltas) - {name for name, _ in entries})
     if lost:

@@ -22,12 +22,12 @@ POLL_SECONDS = 1.0
 
 
 def _stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, start time) of a process, or None when it is gone."""
+    """(parent pid, start time) of a running process; None when it is gone or a zombie (exited, not reaped)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return int(fields[1]), fields[19]
+    return None if fields[0] == "Z" else (int(fields[1]), fields[19])
 
 
 def _argv(pid: int) -> list[str]:

@@ -11,7 +11,7 @@ from .routed_trainer import RoutedTrainer
 from .trainer import Trainer
 
 TRAINERS: dict[str, type[Trainer]] = {"adamix": AdaMixTrainer, "routed": RoutedTrainer, "full": FullTrainer}
-"""The trainer of each method family (methods/registry.py says which family a method belongs to)."""
+"""The trainer of each method family (config.METHODS says which family a method belongs to)."""
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, mixture_config: MixtureConfig,

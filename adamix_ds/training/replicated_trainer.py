@@ -12,6 +12,7 @@ One optimizer step, on every rank:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -138,8 +139,10 @@ class ReplicatedTrainer(Trainer):
 
     def rerun_export(self) -> str:
         checkpoint = self.output_dir / "checkpoints" / f"step-{self.step}"
+        model = " ".join(f"--{name} {value}" for name, value in dataclasses.asdict(self.model_args).items()
+                         if value not in (None, False))
         return (f"rerun the export with launch/merge.py --checkpoint {checkpoint} --output_dir {self.output_dir} "
-                f"--model_name_or_path {self.model_args.model_name_or_path} --seed {self.args.seed}")
+                f"{model} --deepspeed {self.args.deepspeed} --seed {self.args.seed}")
 
     def export(self) -> dict:
         """The family's export (AdaMix: the experts averaged into one module; routed: base and whole mixture)."""

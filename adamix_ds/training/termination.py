@@ -20,7 +20,8 @@ EXIT_CODE = 128 + signal.SIGTERM
 
 
 class TrainingInterrupted(RuntimeError):
-    """The run stopped on SIGTERM after saving a checkpoint; it continues with --resume_from_checkpoint auto."""
+    """The run stopped (SIGTERM, or its launcher gone) after saving a checkpoint; it continues with
+    --resume_from_checkpoint auto."""
 
 
 class TerminationRequest:

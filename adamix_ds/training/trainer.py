@@ -53,12 +53,15 @@ class Trainer:
     """Built and run identically on every rank; subclasses say what is trained."""
 
     trainable_base = False
+    checkpoint_is_collective = False
+    """True where write_checkpoint runs collectives of its own (DeepSpeed's engine checkpoint)."""
     parameter_count: ParameterCount
 
     def __init__(self, model_args: ModelArguments, data_args: DataArguments, mixture_config: MixtureConfig,
                  args: TrainArguments) -> None:
         self.model_args, self.data_args, self.mixture_config, self.args = model_args, data_args, mixture_config, args
         self.output_dir = Path(args.output_dir)
+        self.termination = TerminationRequest()  # first: a stop during set-up is honoured after the first step
         self.eval_modes = preflight.resolve_eval_modes(mixture_config, args.eval_modes)
 
         self.seed = distributed.broadcast_int(args.seed)
@@ -87,9 +90,9 @@ class Trainer:
         if args.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
         self.step = 0
+        self.resumed_step: int | None = None
         self.history: list[dict] = []
         self.monitor = Monitor(self.ds_config, self.output_dir, self.total_steps)
-        self.termination = TerminationRequest()
 
     # What a family provides.
     def train_step(self) -> dict:
@@ -99,6 +102,10 @@ class Trainer:
     def write_checkpoint(self, directory: Path) -> dict:
         """Collective: write this family's state into `directory`; return what trainer_state.json adds."""
         raise NotImplementedError
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes this rank writes into a checkpoint, where they are checked before writing (0: not checked)."""
+        return 0
 
     def load_checkpoint(self, path: Path, record: dict) -> None:
         """Restore the state `write_checkpoint` wrote (record: the checkpoint's trainer_state.json)."""
@@ -170,7 +177,8 @@ class Trainer:
     def save(self) -> None:
         """Collective: OUTPUT_DIR/checkpoints/step-N, published atomically the same way for every family."""
         state = TrainerState(step=self.step, routing_seed=self.seed, consumed_examples=self.step * self.plan.global_batch)
-        path = save_checkpoint(self.output_dir, state, self.write_checkpoint, self.args.save_total_limit)
+        path = save_checkpoint(self.output_dir, state, self.write_checkpoint, self.args.save_total_limit,
+                               self.checkpoint_is_collective, self.checkpoint_bytes())
         logger.info("saved checkpoint %s", path)
 
     def resume(self) -> None:
@@ -183,7 +191,7 @@ class Trainer:
         state, record = read_trainer_state(path)
         state.check_continues(path, self.seed, self.plan.global_batch)
         self.load_checkpoint(path, record)
-        self.step = state.step
+        self.step = self.resumed_step = state.step
         logger.info("resumed from %s at step %d", path, self.step)
 
     def _log(self, metrics: dict) -> None:
@@ -220,7 +228,8 @@ class Trainer:
         if final:
             self._log(final)
         self.verify()
-        self.save()
+        if self.step != self.resumed_step:  # resumed at the end (an export to redo): that checkpoint is the final one
+            self.save()
         try:
             merged = self.export() if args.merge_at_end else {}
         except StorageError as error:

@@ -36,8 +36,9 @@ class MixtureAdapter(nn.Module):
         N(0, 0.02), as BERT initialises every linear layer, which is how the AdaMix reference's adapters start.
         Biases 0. Each expert drawn on its own, or (`identical`) once and copied into every expert of its side."""
         down_std, up_std = {"houlsby": (1e-2, 0.0), "bert": (2e-2, 2e-2)}[init]
-        init_stack_(self.adapter_down.data, lambda expert: nn.init.normal_(expert, std=down_std), identical)
-        init_stack_(self.adapter_up.data, lambda expert: nn.init.normal_(expert, std=up_std), identical)
+        for stack, std in ((self.adapter_down, down_std), (self.adapter_up, up_std)):
+            draw = (lambda expert, std=std: nn.init.normal_(expert, std=std)) if std else nn.init.zeros_
+            init_stack_(stack.data, draw, identical)
         nn.init.zeros_(self.adapter_down_bias)
         nn.init.zeros_(self.adapter_up_bias)
 

@@ -26,8 +26,9 @@ class RoutedLoRA(StackedLoRA):
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, num_experts: int, shared_a: bool,
                  gate: str, network: str = "linear", top_k: int = 2, dropout: float = 0.0) -> None:
+        router = TokenRouter(in_features, num_experts, gate, network, top_k=top_k)  # drawn first, as before 0.1
         super().__init__(in_features, out_features, r, alpha, 1 if shared_a else num_experts, num_experts, dropout)
-        self.router = TokenRouter(in_features, num_experts, gate, network, top_k=top_k)
+        self.router = router
 
     @property
     def num_experts(self) -> int:

@@ -103,7 +103,7 @@ def _jsonl_cases(rng: random.Random) -> list[Case]:
             if kind == "chat_content":
                 message.pop("content") if rng.random() < 0.5 else message.update(content=rng.choice([None, 3, ""]))
             elif kind == "chat_role":
-                message["role"] = rng.choice(["bot", None, 1, ""])
+                message["role"] = rng.choice([None, 1, "", "  ", ["user"]])
             else:
                 rows[k]["messages"] = "user: hello"
         elif kind == "blank_lines":

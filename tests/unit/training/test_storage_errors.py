@@ -23,14 +23,23 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
 
 
-def test_a_full_disk_while_the_merged_model_is_written_is_one_error_naming_the_file(tmp_path, monkeypatch):
+def _safetensors_no_space(*args, **kwargs):
+    """What safetensors raises on a full disk: its own error type, not an OSError."""
+    raise type("SafetensorError", (Exception,), {})("Error while serializing: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("failure", [_no_space, _safetensors_no_space])
+def test_a_full_disk_while_the_merged_model_is_written_is_one_error_naming_the_file(tmp_path, monkeypatch, failure):
     model, _ = tiny_mixtures("llama", num_experts=2)
-    monkeypatch.setattr(merged_model, "save_file", _no_space)
+    monkeypatch.setattr(merged_model, "save_file", failure)
     with pytest.raises(StorageError) as raised:
         merged_model.write_merged_model(model, {}, tmp_path / "merged" / "model")
     message = str(raised.value)
-    assert "writing the merged model" in message and "No space left on device" in message
-    assert "model-00001-of-00001.safetensors" in message and "\n" not in message
+    assert "writing the merged model" in message and "No space left on device" in message and "\n" not in message
+    if failure is _no_space:
+        assert "model-00001-of-00001.safetensors" in message
+    else:
+        assert "SafetensorError" in message
 
 
 def test_the_free_space_an_export_needs_is_checked_before_it_writes(tmp_path, monkeypatch):
