@@ -79,6 +79,38 @@ def test_sigterm_to_the_deepspeed_runner_alone(tmp_path):
     _saved_after_step_3(out, output)
 
 
+def test_sigterm_to_one_rank_of_two_stops_both_after_the_same_step(tmp_path):
+    """The ranks agree every step: rank 1 alone is signalled, and both stop after one step, saved, exit 143."""
+    out = tmp_path / "run"
+    log = tmp_path / "log"
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), *_train_args(out)]
+    with open(log, "w") as handle:
+        launcher = subprocess.Popen(command, cwd=REPO, env=cpu_env(), stdout=handle, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while f"step 3/{STEPS}" not in log.read_text(errors="replace"):
+            assert launcher.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-4000:]
+            time.sleep(0.5)
+        rank_1 = [pid for pid in _ranks_of(out) if "--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(rank_1) == 1
+        os.kill(rank_1[0], signal.SIGTERM)
+        launcher.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    output = log.read_text(errors="replace")
+    assert launcher.returncode == 143, output[-4000:]
+    assert "SIGTERM on rank 1" in output and "SIGTERM on rank 0" not in output
+    stops = sorted(line.split("adamix_ds: stopped by ", 1)[1] for line in output.splitlines()
+                   if "adamix_ds: stopped by " in line)
+    assert len(stops) == 2 and stops[0].startswith("SIGTERM after step") and "another rank" in stops[1], stops
+    assert stops[0].split(" after ")[1] == stops[1].split(" after ")[1]  # the same step, the same checkpoint
+    _saved_after_step_3(out, output)
+
+
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no MPI launcher (pip install mpich mpi4py)")
 def test_sigterm_to_mpiexec_alone(tmp_path):
     out = tmp_path / "run"

@@ -5,46 +5,61 @@ import subprocess
 import sys
 
 import pytest
-from launching import REPO, cpu_env, run_record
+from launching import REPO, cpu_env, free_port, run_record
 from safetensors.torch import load_file
 
-# Runs the real trainer in one process, with the loss made NaN from step FIRST_BAD on for COUNT steps.
+# Runs the real trainer with the loss made NaN from step FIRST_BAD on for COUNT steps, on rank POISON_RANK only
+# (every rank when it is unset).
 NAN_RUN = """
+import os
 import sys
 import adamix_ds.training.adamix_trainer as mt
+from adamix_ds import distributed
 from adamix_ds.arguments import parse_arguments
 from adamix_ds.training.recipe import train
 
-first_bad, count = int(sys.argv[1]), int(sys.argv[2])
+first_bad, count = int(os.environ["FIRST_BAD"]), int(os.environ["COUNT"])
+poison_rank = int(os.environ.get("POISON_RANK", "-1"))
 original = mt.causal_lm_losses
 
 def poisoned(model, *args, router=None, **kwargs):
     sums = original(model, *args, router=router, **kwargs)
-    if router is not None and first_bad <= router.step < first_bad + count:
+    hit = poison_rank < 0 or distributed.rank() == poison_rank
+    if hit and router is not None and first_bad <= router.step < first_bad + count:
         sums.lm = sums.lm * float("nan")
     return sums
 
 mt.causal_lm_losses = poisoned
-train(*parse_arguments(sys.argv[3:]))
+train(*parse_arguments(sys.argv[1:]))
 """
 
 
-def _run(tmp_path, first_bad, count, limit):
+def _run(tmp_path, first_bad, count, limit, ranks=1):
     args = ["--model_name_or_path", "tiny:llama", "--max_steps", "6", "--max_seq_length", "48",
             "--per_device_train_batch_size", "2", "--logging_steps", "1", "--num_samples", "0", "--eval_steps", "0",
             "--merge_at_end", "false", "--save_steps", "2", "--max_nonfinite_steps", str(limit),
-            "--output_dir", str(tmp_path)]
-    return subprocess.run([sys.executable, "-c", NAN_RUN, str(first_bad), str(count), *args], cwd=REPO,
-                          env=cpu_env(), capture_output=True, text=True, timeout=300)
+            "--output_dir", str(tmp_path / "run")]
+    script = tmp_path / "nan_run.py"
+    script.write_text(NAN_RUN)
+    env = cpu_env(FIRST_BAD=str(first_bad), COUNT=str(count), **({"POISON_RANK": "1"} if ranks > 1 else {}))
+    launcher = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())] if ranks > 1 \
+        else [sys.executable]
+    return subprocess.run([*launcher, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
-def test_nonfinite_steps_are_skipped(tmp_path):
-    proc = _run(tmp_path, first_bad=2, count=2, limit=3)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    history = [h for h in run_record(tmp_path)["history"] if "train/loss" in h]
+def test_a_nonfinite_loss_on_one_rank_of_two_is_skipped_on_both(tmp_path):
+    """Rank 1 alone sees NaN at steps 3 and 4: the gradient all-reduce carries it to rank 0, both skip the same
+    steps, and the replicas still agree at the end (the run's final check)."""
+    proc = _run(tmp_path, first_bad=2, count=2, limit=3, ranks=2)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    history = [h for h in run_record(tmp_path / "run")["history"] if "train/loss" in h]
     assert [h["train/skipped"] for h in history] == [0, 0, 1, 1, 0, 0]
-    assert "step 3: non-finite loss or gradient, update skipped (1 in a row, limit 3)" in proc.stdout + proc.stderr
-    weights = load_file(str(tmp_path / "checkpoints" / "step-6" / "mixtures.safetensors"))
+    for rank in (0, 1):
+        assert f"[rank{rank}] WARNING step 3: non-finite loss or gradient, update skipped (1 in a row, limit 3)" \
+            in output, output[-3000:]
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step-6" / "mixtures.safetensors"))
     assert all(bool(t.isfinite().all()) for t in weights.values())
 
 
@@ -52,10 +67,10 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
     proc = _run(tmp_path, first_bad=3, count=10, limit=2)
     assert proc.returncode != 0
     assert "stopping at step 5: 2 non-finite steps in a row (--max_nonfinite_steps 2)" in proc.stderr
-    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert saved == ["step-2", "step-4"]  # step 4 was skipped, not applied: its checkpoint is clean
     for name in saved:
-        weights = load_file(str(tmp_path / "checkpoints" / name / "mixtures.safetensors"))
+        weights = load_file(str(tmp_path / "run" / "checkpoints" / name / "mixtures.safetensors"))
         assert all(bool(t.isfinite().all()) for t in weights.values())
 
 
