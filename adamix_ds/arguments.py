@@ -43,6 +43,10 @@ class ModelArguments:
             options["attn_implementation"] = self.attn_implementation
         return options
 
+    def pretrained_options(self) -> dict:
+        """from_pretrained's keyword arguments: these, and weights from safetensors only (a pickle can run code)."""
+        return {**self.loading_options(), "use_safetensors": True}
+
 
 @dataclass
 class DataArguments:

@@ -46,7 +46,7 @@ def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int
         except ValueError as error:
             raise ConfigError(f"--model_name_or_path: {error}") from error
         return AutoModelForCausalLM.from_config(config, dtype=dtype, **model_args.loading_options())
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **model_args.loading_options())
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **model_args.pretrained_options())
 
 
 def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed: int,

@@ -51,7 +51,7 @@ def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
     if (path / "config.json").is_file():
         tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(path),
                                                   tokenizer_name_or_path=model_args.tokenizer_name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(path, **model_args.loading_options())
+        model = AutoModelForCausalLM.from_pretrained(path, **model_args.pretrained_options())
         if (path / CONFIG_NAME).is_file():
             # A routed method's export: the base model and its whole mixture (routers included) together.
             mixtures = load_mixtures(model, path)
@@ -60,7 +60,7 @@ def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
             raise ConfigError("a mixture checkpoint needs --model_name_or_path: the base model directory it was "
                               "trained on (for a built-in base, generate from OUTPUT_DIR/merged/model instead)")
         tokenizer = load_tokenizer(model_args)
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_args.loading_options())
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_args.pretrained_options())
         mixtures = load_mixtures(model, path)
         mixtures.set_eval_mode(args.eval_mode)
     else:

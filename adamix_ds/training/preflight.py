@@ -90,6 +90,20 @@ def resolve_eval_modes(mixture: MixtureConfig, eval_modes: str | None) -> list[s
     return modes
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_weight_files(directory: Path) -> None:
+    """Weights are read from safetensors only: a pickled file can run code when it is loaded."""
+    if list(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in directory.glob(pattern))
+    if pickled:
+        raise ConfigError(f"--model_name_or_path {directory}: weights only in pickle files ({', '.join(pickled[:3])}); "
+                          "adamix_ds reads weights from safetensors only (convert them, e.g. load and "
+                          "save_pretrained(safe_serialization=True) in a trusted environment)")
+
+
 def check_model(model_args: ModelArguments, mixture: MixtureConfig, gradient_checkpointing: bool = False) -> None:
     """Build a weightless (meta-device) copy of the model, which checks --attn_implementation and
     --gradient_checkpointing, and resolve the mixture's targets on it: no download, no memory."""
@@ -100,7 +114,14 @@ def check_model(model_args: ModelArguments, mixture: MixtureConfig, gradient_che
         except ValueError as error:
             raise ConfigError(f"--model_name_or_path: {error}") from None
     elif os.path.isdir(name):
-        config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+        check_weight_files(Path(name))
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+        except ValueError as error:
+            if "trust_remote_code" not in str(error):
+                raise
+            raise ConfigError(f"--model_name_or_path {name}: the model's code comes with it (auto_map); it runs only "
+                              "with --trust_remote_code, so read it first") from None
     else:
         return  # a hub name: checked when it is loaded
     try:
