@@ -13,7 +13,8 @@ STEPS = 4
 def _args(ws, out, micro, extra=()):
     return ["--method", "full", "--model_name_or_path", str(ws.base), "--data_path", str(ws.data),
             "--output_dir", str(out), "--max_seq_length", "40", "--max_steps", str(STEPS), "--logging_steps", "1",
-            "--learning_rate", "1e-3", "--warmup_steps", "1", "--per_device_train_batch_size", str(micro), *extra]
+            "--learning_rate", "1e-3", "--warmup_steps", "1", "--per_device_train_batch_size", str(micro),
+            "--eval_split_ratio", "0.1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +50,28 @@ def test_merged_model_is_the_trained_model(runs, workspace):
     assert len(changed) == len(list(base.parameters()))
     for (name, p), q in zip(trained.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_exported_model_gives_the_logged_final_eval_loss(runs, workspace, tmp_path, monkeypatch):
+    """The merged model, loaded plainly, on the same held-out split (re-made here from the same seed) gives the
+    token-mean eval loss the run logged at its end: the export is the model that was evaluated."""
+    from adamix_ds.arguments import DataArguments, ModelArguments
+    from adamix_ds.data.batching import collate
+    from adamix_ds.data.tokenization import train_eval_datasets
+    from adamix_ds.data.tokenizer import load_tokenizer
+    from adamix_ds.training.full_trainer import logits_ce_sum
+
+    monkeypatch.setenv("ADAMIX_DS_CACHE", str(tmp_path / "cache"))
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(workspace.base)))
+    data = DataArguments(data_path=str(workspace.data), max_seq_length=40, eval_split_ratio=0.1)
+    _, held_out = train_eval_datasets(data, tokenizer, seed=42)
+    model = AutoModelForCausalLM.from_pretrained(runs["two_ranks"] / "merged" / "model").eval()
+    tokens, total = 0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(held_out), 8):
+            batch = collate([held_out[i] for i in range(start, min(start + 8, len(held_out)))], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            count, ce = logits_ce_sum(logits, batch["labels"])
+            tokens, total = tokens + count, total + ce.item()
+    logged = run_record(runs["two_ranks"])["final_eval"]["eval/model/loss"]
+    assert total / tokens == pytest.approx(logged, abs=1e-4)

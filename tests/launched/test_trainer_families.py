@@ -46,3 +46,35 @@ def test_trains_and_merges(family, method, ranks, ds_config, tmp_path_factory):
     else:
         weights = load_file(str(adapter / "mixtures.safetensors"))
         assert all(t.shape[0] == 1 for t in weights.values())
+    _merged_logits_equal_base_plus_mixtures(ws, out, method, ds_config)
+
+
+def _merged_logits_equal_base_plus_mixtures(ws, out, method, ds_config):
+    """What the run exports against the base it started from plus its final checkpoint's mixtures, served merged:
+    the folded model (LoRA) or the base with the merged adapter (adapters)."""
+    from transformers import AutoModelForCausalLM
+
+    from adamix_ds import load_mixtures
+
+    dtype = torch.bfloat16 if ds_config == "zero3_bf16" else torch.float32
+
+    def base():  # as the run held it (bf16 under the bf16 config), compared in fp32
+        return AutoModelForCausalLM.from_pretrained(ws.base, dtype=dtype).float().eval()
+
+    ids = torch.randint(4, 150, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference_model = base()
+        load_mixtures(reference_model, out / "checkpoints" / "step-3")
+        reference = reference_model(input_ids=ids).logits
+        if method == "adamix-lora":
+            served = AutoModelForCausalLM.from_pretrained(out / "merged" / "model").float().eval()
+        else:
+            served = base()
+            load_mixtures(served, out / "merged" / "adapter")
+        logits = served(input_ids=ids).logits
+        untrained = base()(input_ids=ids).logits
+    assert (reference - untrained).abs().max() > 1e-3  # the mixtures changed the model: the comparison can fail
+    if dtype == torch.bfloat16:  # the folded weights were rounded to bf16 once
+        assert float((logits - reference).norm() / reference.norm()) < 1e-2
+    else:
+        torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
