@@ -87,17 +87,22 @@ def test_sigterm_saves_and_the_requeued_run_continues_exactly(tmp_path):
     from launching import train_losses
 
     steps = 40
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), *_train_args(tmp_path / "run", steps)],
-                            cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if f"step 3/{steps}" in line:
-            proc.send_signal(signal.SIGTERM)
-            signalled = time.time()
-            break
-    rest, _ = proc.communicate(timeout=120)
-    output = "".join(seen) + rest
+    log = tmp_path / "log"
+    with open(log, "w") as handle:  # a file, read with a deadline: a hang fails the test instead of stalling it
+        proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"),
+                                 *_train_args(tmp_path / "run", steps)],
+                                cwd=REPO, env=cpu_env(), stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while f"step 3/{steps}" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.time()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    output = log.read_text(errors="replace")
     assert proc.returncode == 143, output[-3000:]
     assert time.time() - signalled < 60
     assert "stopped by SIGTERM after step" in output
