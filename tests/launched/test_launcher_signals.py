@@ -35,17 +35,34 @@ def _ranks_of(out: Path) -> list[int]:
     return found
 
 
-def _stop_the_launcher_alone(command: list[str], out: Path, log: Path, env: dict) -> tuple[int, str]:
-    """Start `command`, SIGTERM its first process once step 3 is logged, and wait until no process of the run is
-    left; (the launcher's exit status, the log)."""
+def _end_session(process: subprocess.Popen) -> None:
+    """Whatever of a launch's session is still alive ends (cleanup after the checks)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _started_past_step_3(command: list[str], log: Path, env: dict) -> subprocess.Popen:
+    """`command` in a session of its own, its output in `log`, once step 3 is logged (within 180 s)."""
     with open(log, "w") as handle:
         launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                     start_new_session=True)
+    deadline = time.time() + 180
+    while f"step 3/{STEPS}" not in log.read_text(errors="replace"):
+        if launcher.poll() is not None or time.time() > deadline:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+            raise AssertionError(log.read_text(errors="replace")[-4000:])
+        time.sleep(0.5)
+    return launcher
+
+
+def _stop_the_launcher_alone(command: list[str], out: Path, log: Path, env: dict) -> tuple[int, str]:
+    """Start `command`, SIGTERM its first process once step 3 is logged, and wait until no process of the run is
+    left; (the launcher's exit status, the log)."""
+    launcher = _started_past_step_3(command, log, env)
     try:
-        deadline = time.time() + 180
-        while f"step 3/{STEPS}" not in log.read_text(errors="replace"):
-            assert launcher.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-4000:]
-            time.sleep(0.5)
         os.kill(launcher.pid, signal.SIGTERM)
         launcher.wait(timeout=60)
         deadline = time.time() + 60
@@ -55,10 +72,7 @@ def _stop_the_launcher_alone(command: list[str], out: Path, log: Path, env: dict
         assert not left, f"processes of the run still alive after the launcher ended: {left}"
         return launcher.returncode, log.read_text(errors="replace")
     finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _end_session(launcher)
 
 
 def _saved_after_step_3(out: Path, output: str) -> None:
@@ -84,23 +98,14 @@ def test_sigterm_to_one_rank_of_two_stops_both_after_the_same_step(tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "log"
     command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), *_train_args(out)]
-    with open(log, "w") as handle:
-        launcher = subprocess.Popen(command, cwd=REPO, env=cpu_env(), stdout=handle, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+    launcher = _started_past_step_3(command, log, cpu_env())
     try:
-        deadline = time.time() + 180
-        while f"step 3/{STEPS}" not in log.read_text(errors="replace"):
-            assert launcher.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-4000:]
-            time.sleep(0.5)
         rank_1 = [pid for pid in _ranks_of(out) if "--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(rank_1) == 1
         os.kill(rank_1[0], signal.SIGTERM)
         launcher.wait(timeout=120)
     finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _end_session(launcher)
     output = log.read_text(errors="replace")
     assert launcher.returncode == 143, output[-4000:]
     assert "SIGTERM on rank 1" in output and "SIGTERM on rank 0" not in output
@@ -149,10 +154,7 @@ def test_srun_kills_its_tasks_on_sigterm_and_scancel_signal_term_stops_them_grac
             subprocess.run(["scancel", "--signal=TERM", job[0]], env=env, check=True)
             srun.wait(timeout=120)
         finally:
-            try:
-                os.killpg(srun.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _end_session(srun)
     output = (tmp_path / "log2").read_text(errors="replace")
     assert srun.returncode == 143, output[-4000:]
     assert output.count("stopped by SIGTERM after step") == 2, output[-4000:]
