@@ -59,3 +59,46 @@ def test_mpirun_launch(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert run_record(tmp_path)["base_partition"]["world_size"] == 2
     assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(bool(missing_binaries()), reason=f"SLURM/munge not installed ({missing_binaries()}); "
+                                                     ".ci/run installs slurm-wlm and munge")
+def test_a_requeued_job_saves_on_the_signal_and_continues_from_auto(tmp_path):
+    """`scontrol requeue` (what preemption with requeue does): slurmstepd signals the ranks, which save and exit 143;
+    the job comes back under its id, so slurm/train.sbatch's --resume_from_checkpoint auto continues from that
+    checkpoint to the end."""
+    import time
+
+    steps = 300
+    args = ["--model_name_or_path", "tiny:llama", "--max_steps", str(steps), "--max_seq_length", "48",
+            "--save_steps", "20", "--per_device_train_batch_size", "2", "--logging_steps", "10", "--num_samples", "0",
+            "--eval_steps", "0", "--merge_at_end", "false"]
+    with single_node_cluster(tmp_path / "cluster") as cluster_env:
+        env = {**cpu_env(OUTPUT_ROOT=str(tmp_path / "runs")), "SLURM_CONF": cluster_env["SLURM_CONF"]}
+        job = subprocess.run(
+            ["sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+             f"--chdir={REPO}", f"--output={tmp_path}/slurm-%j.out", str(REPO / "slurm" / "train.sbatch"), *args],
+            env=env, capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
+        log = tmp_path / f"slurm-{job}.out"
+        deadline = time.time() + 180
+        while not log.exists() or f"step 40/{steps}" not in log.read_text(errors="replace"):
+            assert time.time() < deadline, log.read_text(errors="replace")[-4000:] if log.exists() else "no log"
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "requeue", job], env=env, check=True, timeout=60)
+        time.sleep(2)  # a requeued job waits about two minutes to be eligible again; let it start now
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True, timeout=60)
+        deadline = time.time() + 240
+        while True:
+            state = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True,
+                                   timeout=60).stdout
+            if re.search(r"JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT)", state):
+                break
+            assert time.time() < deadline, log.read_text(errors="replace")[-4000:]
+            time.sleep(1)
+    output = log.read_text(errors="replace")
+    assert "JobState=COMPLETED" in state, output[-4000:]
+    stopped = re.findall(r"stopped by SIGTERM after step (\d+);", output)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], output[-4000:]  # both ranks, the same step
+    step = int(stopped[0])
+    assert f"resumed from {tmp_path / 'runs' / f'adamix-{job}' / 'checkpoints' / f'step-{step}'} at step {step}" in output
+    assert sorted(train_losses(tmp_path / "runs" / f"adamix-{job}")) == list(range(step + 10 - step % 10, steps + 1, 10))
