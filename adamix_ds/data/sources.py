@@ -8,6 +8,7 @@ broken line or a value of the wrong type without saying where.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -42,10 +43,11 @@ def _load_directory(local: Path, option: str) -> datasets.Dataset:
 
 
 def _used(row: dict, fmt: str) -> dict:
-    """The columns a format uses (chat messages keep their role and content), so that other keys of any type or
-    shape cannot break reading."""
+    """The columns a format uses, so that other keys of any type or shape cannot break reading. Chat messages travel
+    as their JSON text (tokenization reads it back), so that every key a template may use (name, tool_calls, ...)
+    survives, whatever shape it has in each message."""
     if fmt == "chat":
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+        return {"messages": json.dumps(row["messages"], ensure_ascii=False)}
     return {column: row[column] for column in COLUMNS[fmt]}
 
 

@@ -81,6 +81,8 @@ def _encoder(tokenizer: PreTrainedTokenizerBase, fmt: str, path: str):
                 labels.append([IGNORE_INDEX] * len(p) + c)
         else:
             for row, messages in zip(indices, batch["messages"]):
+                if isinstance(messages, str):  # JSON files: the messages as their JSON text (data/sources.py)
+                    messages = json.loads(messages)
                 i, l = _chat_example(tokenizer, messages, f"{path}: row {row + 1}")
                 ids.append(i)
                 labels.append(l)

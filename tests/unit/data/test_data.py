@@ -158,3 +158,18 @@ def test_collate_pads_and_masks():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_chat_messages_keep_every_key_the_template_uses(tmp_path, cache, tokenizer):
+    """Keys beside role and content (a name, tool calls) reach the chat template, whatever their shape."""
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}{% if m.name %}:{{ m.name }}{% endif %}|>"
+                               "{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    rows = [{"messages": [{"role": "user", "content": "hi", "name": "Zizzi"},
+                          {"role": "assistant", "content": "hello", "tool_calls": [{"id": 1}]}]},
+            {"messages": [{"role": "user", "content": "area?"}, {"role": "assistant", "content": "riverside"}]}]
+    path = _jsonl(tmp_path / "named.jsonl", rows)
+    try:
+        first = tokenize(path, DataArguments(max_seq_length=128), tokenizer)[0]
+    finally:
+        tokenizer.chat_template = None
+    assert "userZizzi" in tokenizer.decode(first["input_ids"]).replace(" ", "")  # the name, right after the role
