@@ -52,7 +52,8 @@ def _used(row: dict, fmt: str) -> dict:
 
 
 def _read_json(file: Path, requested_format: str, option: str) -> tuple[datasets.Dataset, str]:
-    """JSON lines or a JSON array: read twice, for the columns (the format) and then every row's check."""
+    """JSON lines or a JSON array, read three times without holding the rows: for the columns (the format), for
+    every row's check, and into Arrow."""
     columns: set[str] = set()
     rows = 0
     for _, row in json_rows(file, option):

@@ -82,6 +82,7 @@ class ExtendedStudy:
         self.study, self.settings, self.rank = study, settings, lora_rank
         self.seeds = study.preset.seeds
         self.out = study.work_dir / "parts"
+        self._sweep: dict | None = None
 
     # Running.
     def run(self, parts: tuple[str, ...]) -> dict:
@@ -106,13 +107,18 @@ class ExtendedStudy:
     def _seeds(self, method: StudyMethod, **job) -> list[Job]:
         return [Job(TASK, method, seed, **job) for seed in self.seeds]
 
-    def _rows(self, jobs: list[Job]) -> list[dict]:
+    def _rows_of(self, method: StudyMethod, **job) -> list[dict]:
+        """Run `method` on every seed (runs already made are read back) and return its rows."""
+        jobs = self._seeds(method, **job)
+        self._run(jobs)
         return self.study.rows(jobs)
 
     # Part a: the sweep, then every budget.
     def sweep(self) -> dict:
         """Each method's configuration with the best dev accuracy (merged serving for AdaMix) on the first seed at
-        the first budget; dev loss breaks ties."""
+        the first budget; dev loss breaks ties. Made once per study: the parts after it reuse its choice."""
+        if self._sweep is not None:
+            return self._sweep
         s, rate = self.settings, self.study.learning_rate(StudyMethod("lora", {"method": "lora"}))
         candidates = {
             "lora": [StudyMethod(_name("lora", o), o) for o in
@@ -126,26 +132,23 @@ class ExtendedStudy:
         self._run([job for group in jobs.values() for job in group])
         chosen, table = {}, []
         for label, group in jobs.items():
-            rows = [self._rows([job])[0] for job in group]
+            rows = [self.study.rows([job])[0] for job in group]
             table += rows
             best = max(range(len(rows)), key=lambda i: (rows[i][f"dev/{METRIC}"]["mean"], -rows[i]["dev_loss"]["mean"]))
-            chosen[label] = dataclasses.asdict(group[best].method)
-        return {"chosen": chosen, "rows": table}
+            chosen[label] = group[best].method
+        self._sweep = {"chosen": chosen, "rows": table}
+        return self._sweep
 
     def part_budget(self) -> dict:
         sweep = self.sweep()
-        rows = []
-        for label, method in self.chosen().items():
-            for steps in self.settings.budgets:
-                jobs = self._seeds(method, steps=steps)
-                self._run(jobs)
-                rows += self._rows(jobs)
-        return {"sweep": sweep, "rows": rows, "comparisons": budget_comparisons(rows)}
+        rows = [row for method in self.chosen().values() for steps in self.settings.budgets
+                for row in self._rows_of(method, steps=steps)]
+        chosen = {label: dataclasses.asdict(method) for label, method in sweep["chosen"].items()}
+        return {"sweep": {**sweep, "chosen": chosen}, "rows": rows, "comparisons": budget_comparisons(rows)}
 
     def chosen(self) -> dict[str, StudyMethod]:
         """Part a's choices (its sweep runs first if it has not)."""
-        return {label: StudyMethod(m["name"], m["options"], tuple(m["modes"]))
-                for label, m in self.sweep()["chosen"].items()}
+        return self.sweep()["chosen"]
 
     # Part b.
     def part_experts(self) -> dict:
@@ -155,12 +158,8 @@ class ExtendedStudy:
         for m in self.settings.experts:
             options = {**adamix.options, "num_experts": m}
             method = adamix if m == DEFAULT_EXPERTS else StudyMethod(_name("adamix-lora", options), options, adamix.modes)
-            jobs = self._seeds(method, steps=steps)  # the default M is part a's run at this budget
-            self._run(jobs)
-            rows += self._rows(jobs)
-        lora = self._seeds(self.chosen()["lora"], steps=steps)
-        self._run(lora)
-        rows += self._rows(lora)
+            rows += self._rows_of(method, steps=steps)  # the default M is part a's run at this budget
+        rows += self._rows_of(self.chosen()["lora"], steps=steps)
         return {"steps": steps, "rows": rows}
 
     # Part c.
@@ -172,7 +171,7 @@ class ExtendedStudy:
             wide = StudyMethod(_name(label, options), options, method.modes)
             jobs = self._seeds(wide, steps=s.lowdata_steps, train_size=s.lowdata_size, eval_steps=s.lowdata_eval_every)
             self._run(jobs)
-            rows += self._rows(jobs)
+            rows += self.study.rows(jobs)
             curves[wide.name] = [dev_loss_curve(self.study.work_dir / "runs" / job.name) for job in jobs]
         return {"train_size": s.lowdata_size, "rank": s.lowdata_rank, "steps": s.lowdata_steps, "rows": rows,
                 "dev_loss_curves": curves}
@@ -180,24 +179,14 @@ class ExtendedStudy:
     # Part d.
     def part_routed(self) -> dict:
         methods = [m for m in self.study.methods if m.name in ("moa-soft", "moa-sparse")] + routed_baselines()
-        rows = []
-        for method in methods:
-            jobs = self._seeds(method)
-            self._run(jobs)
-            rows += self._rows(jobs)
-        return {"rows": rows}
+        return {"rows": [row for method in methods for row in self._rows_of(method)]}
 
     # Part e.
     def part_adapter(self) -> dict:
         first = [m for m in self.study.methods if m.name in ("adapter", "adamix-adapter")]
         reference = [dataclasses.replace(m, name=f"{m.name}(bert-init)", options={**m.options, "adapter_init": "bert"})
                      for m in first]
-        rows = []
-        for method in first + reference:
-            jobs = self._seeds(method)
-            self._run(jobs)
-            rows += self._rows(jobs)
-        return {"rows": rows}
+        return {"rows": [row for method in first + reference for row in self._rows_of(method)]}
 
 
 def routed_baselines() -> list[StudyMethod]:

@@ -82,30 +82,31 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list) -
 
 
 def save_checkpoint(output_dir, state: TrainerState, write_contents: Callable[[Path], dict],
-                    keep: int | None, collective_contents: bool = False, needed_bytes: int = 0) -> Path:
+                    keep: int | None, collective_bytes: int | None = None) -> Path:
     """Collective: every rank calls write_contents(tmp), which writes what that rank holds of the state and
     returns the entries trainer_state.json adds (rank 0's count); rank 0 then writes trainer_state.json,
     publishes step-N atomically and prunes to the newest `keep` checkpoints.
 
-    A write_contents with collectives of its own (`collective_contents`: DeepSpeed's engine checkpoint) cannot
-    have its failures exchanged without mismatching those collectives; its free space (`needed_bytes` per rank)
-    is checked by every rank before it starts instead."""
+    A write_contents with collectives of its own (DeepSpeed's engine checkpoint) cannot have its failures exchanged
+    without mismatching those collectives: its `collective_bytes` per rank are checked as free space by every rank
+    before it starts instead."""
     root = checkpoints_dir(output_dir)
     final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
+    what = f"saving checkpoint {final}"
     survives = what_survives(output_dir) + "; free space, then continue with --resume_from_checkpoint auto"
     try:
-        with agreed_writes(f"saving checkpoint {final}", survives):
+        with agreed_writes(what, survives):
             if distributed.is_main():
                 root.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
-        if collective_contents:
-            require_free_space(root, needed_bytes, f"saving checkpoint {final}", survives)
+        if collective_bytes is not None:
+            require_free_space(root, collective_bytes, what, survives)
             record = write_contents(tmp)
         else:
-            with agreed_writes(f"saving checkpoint {final}", survives):
+            with agreed_writes(what, survives):
                 record = write_contents(tmp)
-        with agreed_writes(f"saving checkpoint {final}", survives):
+        with agreed_writes(what, survives):
             if distributed.is_main():
                 (tmp / STATE_NAME).write_text(json.dumps({"trainer": asdict(state), **record}, indent=2) + "\n")
                 publish_checkpoint(tmp, final)

@@ -38,7 +38,6 @@ def logits_ce_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: f
 
 class FullTrainer(Trainer):
     trainable_base = True
-    checkpoint_is_collective = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -98,7 +97,7 @@ class FullTrainer(Trainer):
         tokens, ce = logits_ce_sum(logits, batch["labels"])
         return tokens, ce.item()
 
-    def checkpoint_bytes(self) -> int:
+    def collective_checkpoint_bytes(self) -> int:
         """This rank's share of the weights, their fp32 masters and AdamW's two fp32 moments."""
         total = sum(full_numel(p) * (p.element_size() + 12) for p in self.model.parameters())
         return total // distributed.world_size()

@@ -53,8 +53,6 @@ class Trainer:
     """Built and run identically on every rank; subclasses say what is trained."""
 
     trainable_base = False
-    checkpoint_is_collective = False
-    """True where write_checkpoint runs collectives of its own (DeepSpeed's engine checkpoint)."""
     parameter_count: ParameterCount
 
     def __init__(self, model_args: ModelArguments, data_args: DataArguments, mixture_config: MixtureConfig,
@@ -103,9 +101,10 @@ class Trainer:
         """Collective: write this family's state into `directory`; return what trainer_state.json adds."""
         raise NotImplementedError
 
-    def checkpoint_bytes(self) -> int:
-        """Bytes this rank writes into a checkpoint, where they are checked before writing (0: not checked)."""
-        return 0
+    def collective_checkpoint_bytes(self) -> int | None:
+        """Where write_checkpoint runs collectives of its own (DeepSpeed's engine checkpoint): the bytes this rank
+        writes, checked as free space before it starts; None where its failures are exchanged instead."""
+        return None
 
     def load_checkpoint(self, path: Path, record: dict) -> None:
         """Restore the state `write_checkpoint` wrote (record: the checkpoint's trainer_state.json)."""
@@ -178,7 +177,7 @@ class Trainer:
         """Collective: OUTPUT_DIR/checkpoints/step-N, published atomically the same way for every family."""
         state = TrainerState(step=self.step, routing_seed=self.seed, consumed_examples=self.step * self.plan.global_batch)
         path = save_checkpoint(self.output_dir, state, self.write_checkpoint, self.args.save_total_limit,
-                               self.checkpoint_is_collective, self.checkpoint_bytes())
+                               self.collective_checkpoint_bytes())
         logger.info("saved checkpoint %s", path)
 
     def resume(self) -> None:
