@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from transformers import HfArgumentParser
 
 from .config import METHODS, ConfigError, MixtureConfig
@@ -149,25 +150,36 @@ DEFAULT_RUN = Path(__file__).resolve().parent / "resources" / "default_run.json"
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, MixtureConfig, TrainArguments)
 
 
+def read_run_file(path: Path) -> dict:
+    """A run file's options: YAML for .yaml/.yml, JSON otherwise; it must hold one mapping of option names."""
+    try:
+        text = path.read_text()
+        values = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"--config {path}: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: a run file holds option names and values, not {type(values).__name__}")
+    return values
+
+
 def parse_arguments(argv: list[str] | None = None):
     """(model, data, mixture, train) arguments from the command line and an optional --config run file.
 
-    A run file (JSON) supplies defaults; options on the command line override it. Without --data_path
-    and --config, the embedded default run (resources/default_run.json, on the shipped task) applies.
+    A run file (JSON, or YAML as LLaMA-Factory and axolotl users keep their runs) supplies defaults; options on
+    the command line override it. Without --data_path and --config, the embedded default run
+    (resources/default_run.json, on the shipped task) applies.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    parser.add_argument("--config", default=None, help="A JSON run file whose keys are any of these options.")
+    parser.add_argument("--config", default=None, help="A run file (.json, .yaml or .yml) whose keys are any of "
+                        "these options; the command line overrides it.")
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; unused.")
     known, _ = parser.parse_known_args(argv)
     if known.config is None and known.data_path is None:
         known.config = str(DEFAULT_RUN)
     if known.config:
         path = Path(known.config)
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ConfigError(f"--config {path}: {error}") from error
+        values = read_run_file(path)
         options = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - options)
         if unknown:

@@ -143,3 +143,19 @@ def test_run_file_with_command_line_override(tmp_path):
     run_file.write_text(json.dumps({"num_expert": 8}))
     with pytest.raises(ConfigError, match="unknown options \\['num_expert'\\]"):
         parse_arguments(["--config", str(run_file)])
+
+
+def test_yaml_run_file_with_command_line_override(tmp_path):
+    """The same options as a YAML run file (LLaMA-Factory's and axolotl's format); the command line still wins."""
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("# an AdaMix run\nnum_experts: 8\nlora_r: 2\nmax_steps: 7\nlearning_rate: 2e-4\n"
+                        "target_modules: q_proj,v_proj\nmerge_at_end: false\n")
+    model, data, mixture, train = parse_arguments(["--config", str(run_file), "--lora_r", "6"])
+    assert (mixture.num_experts, mixture.lora_r, train.max_steps) == (8, 6, 7)
+    assert (train.learning_rate, mixture.target_modules, train.merge_at_end) == (2e-4, "q_proj,v_proj", False)
+    run_file.write_text("- num_experts\n- 8\n")
+    with pytest.raises(ConfigError, match="holds option names and values, not list"):
+        parse_arguments(["--config", str(run_file)])
+    run_file.write_text("num_experts: [8\n")
+    with pytest.raises(ConfigError, match=f"--config {run_file}"):
+        parse_arguments(["--config", str(run_file)])
