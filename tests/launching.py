@@ -7,11 +7,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, TypeVar
 
 from adamix_ds.distributed.collectives import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def cpu_env(**extra: str) -> dict:
@@ -46,3 +51,27 @@ def run_record(output_dir: Path) -> dict:
 
 def train_losses(output_dir: Path) -> dict[int, float]:
     return {h["step"]: h["train/loss"] for h in run_record(output_dir)["history"] if "train/loss" in h}
+
+
+def wait_for(event: Callable[[], T], timeout: float, what: str, shown: Callable[[], str] = str, poll: float = 0.2) -> T:
+    """Wait for `event()` to return something true and return it; fail naming `what` (and what `shown()` says, a
+    log's tail) after `timeout` seconds. Tests wait for the event itself this way, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = event()
+        if seen:
+            return seen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout} s\n{shown()}")
+        time.sleep(poll)
+
+
+def read_line(stream: IO[str], timeout: float) -> str:
+    """The next line of a pipe, or a failure after `timeout` seconds: a silent child fails the test, not CI."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not lines:
+        raise AssertionError(f"no line within {timeout} s")
+    return lines[0]

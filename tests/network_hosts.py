@@ -30,7 +30,7 @@ class TestHost:
 
 
 def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=60)
 
 
 class TwoHosts:
@@ -67,7 +67,8 @@ class TwoHosts:
     def __exit__(self, *exc) -> None:
         for host in self.hosts:
             kill_all_in(host)
-            subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)  # the veth goes with it
+            # The veth goes with the namespace.
+            subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True, timeout=60)
 
 
 def kill_all_in(host: TestHost) -> None:
@@ -81,7 +82,8 @@ def kill_all_in(host: TestHost) -> None:
 
 def processes_in(host: TestHost, needle: str) -> list[int]:
     """PIDs inside the host's network namespace whose command line contains `needle`."""
-    listed = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True).stdout.split()
+    listed = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True,
+                            timeout=60).stdout.split()
     found = []
     for pid in listed:
         try:

@@ -54,14 +54,14 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
 
 def _start_munge() -> None:
-    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
+    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True, timeout=60).returncode == 0:
         return
     if not Path("/etc/munge/munge.key").exists():
-        subprocess.run(["mungekey", "-c"], check=True)
+        subprocess.run(["mungekey", "-c"], check=True, timeout=60)
         shutil.chown("/etc/munge/munge.key", "munge", "munge")
     Path("/run/munge").mkdir(parents=True, exist_ok=True)
     shutil.chown("/run/munge", "munge", "munge")
-    subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
+    subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True, timeout=60)
 
 
 @contextlib.contextmanager
@@ -75,7 +75,7 @@ def single_node_cluster(root: Path):
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
+            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=60)
             if state.returncode == 0 and state.stdout.strip() in ("idle", "mixed", "allocated"):
                 break
             time.sleep(1)

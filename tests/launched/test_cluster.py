@@ -6,12 +6,22 @@ import shutil
 import subprocess
 
 import pytest
-from launching import REPO, cpu_env, free_port, run_record, train_losses
+from launching import REPO, cpu_env, free_port, run_record, train_losses, wait_for
 from safetensors.torch import load_file
 from slurm_cluster import missing_binaries, single_node_cluster
 
 TRAIN = ["--model_name_or_path", "tiny:llama", "--max_steps", "4", "--max_seq_length", "64",
          "--eval_steps", "2", "--num_samples", "1", "--per_device_train_batch_size", "2", "--logging_steps", "1"]
+
+
+def _job_state(env: dict, job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=60).stdout
+
+
+def _ended(env: dict, job: str) -> str:
+    """The job's state once it has ended, else ''."""
+    state = _job_state(env, job)
+    return state if re.search(r"JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT)", state) else ""
 
 
 def _sbatch(env, script, tmp_path, args):
@@ -23,7 +33,7 @@ def _sbatch(env, script, tmp_path, args):
     job = proc.stdout.strip().split(";")[0]
     log = next(tmp_path.glob(f"slurm-{job}.out"), None)
     assert proc.returncode == 0, f"{script} failed ({proc.stderr}):\n{log.read_text()[-5000:] if log else ''}"
-    state = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    state = _job_state(env, job)
     assert re.search(r"JobState=COMPLETED", state), state
     return job, log.read_text()
 
@@ -67,8 +77,6 @@ def test_a_requeued_job_saves_on_the_signal_and_continues_from_auto(tmp_path):
     """`scontrol requeue` (what preemption with requeue does): slurmstepd signals the ranks, which save and exit 143;
     the job comes back under its id, so slurm/train.sbatch's --resume_from_checkpoint auto continues from that
     checkpoint to the end."""
-    import time
-
     steps = 300
     args = ["--model_name_or_path", "tiny:llama", "--max_steps", str(steps), "--max_seq_length", "48",
             "--save_steps", "20", "--per_device_train_batch_size", "2", "--logging_steps", "10", "--num_samples", "0",
@@ -80,21 +88,14 @@ def test_a_requeued_job_saves_on_the_signal_and_continues_from_auto(tmp_path):
              f"--chdir={REPO}", f"--output={tmp_path}/slurm-%j.out", str(REPO / "slurm" / "train.sbatch"), *args],
             env=env, capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
         log = tmp_path / f"slurm-{job}.out"
-        deadline = time.time() + 180
-        while not log.exists() or f"step 40/{steps}" not in log.read_text(errors="replace"):
-            assert time.time() < deadline, log.read_text(errors="replace")[-4000:] if log.exists() else "no log"
-            time.sleep(0.5)
+        wait_for(lambda: log.exists() and f"step 40/{steps}" in log.read_text(errors="replace"), 180, "step 40",
+                 lambda: log.read_text(errors="replace")[-4000:] if log.exists() else "no log")
         subprocess.run(["scontrol", "requeue", job], env=env, check=True, timeout=60)
-        time.sleep(2)  # a requeued job waits about two minutes to be eligible again; let it start now
+        # A requeued job waits about two minutes to be eligible again: once it is pending, let it start now.
+        wait_for(lambda: "JobState=PENDING" in _job_state(env, job), 120, "the requeued job pending")
         subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True, timeout=60)
-        deadline = time.time() + 240
-        while True:
-            state = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True,
-                                   timeout=60).stdout
-            if re.search(r"JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT)", state):
-                break
-            assert time.time() < deadline, log.read_text(errors="replace")[-4000:]
-            time.sleep(1)
+        state = wait_for(lambda: _ended(env, job), 240, "the requeued job's end",
+                         lambda: log.read_text(errors="replace")[-4000:])
     output = log.read_text(errors="replace")
     assert "JobState=COMPLETED" in state, output[-4000:]
     stopped = re.findall(r"stopped by SIGTERM after step (\d+);", output)

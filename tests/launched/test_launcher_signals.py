@@ -150,8 +150,9 @@ def test_srun_kills_its_tasks_on_sigterm_and_scancel_signal_term_stops_them_grac
             while "resumed from" not in (tmp_path / "log2").read_text(errors="replace"):
                 assert srun.poll() is None and time.time() < deadline, (tmp_path / "log2").read_text()[-4000:]
                 time.sleep(0.5)
-            job = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
-            subprocess.run(["scancel", "--signal=TERM", job[0]], env=env, check=True)
+            job = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True,
+                                 timeout=60).stdout.split()
+            subprocess.run(["scancel", "--signal=TERM", job[0]], env=env, check=True, timeout=60)
             srun.wait(timeout=120)
         finally:
             _end_session(srun)

@@ -11,14 +11,15 @@ import textwrap
 import pytest
 from launching import REPO, free_port
 
-# Rank 1 drops an all-reduce that rank 0 joins half a second later and keeps the GIL (a busy loop under a long
-# switch interval) until it exits, so the worker thread that completes the all-reduce has to take the GIL during
-# the exit to free the tensor, as after a job whose last collective is followed at once by the exit. Both ways of
-# exiting have run the exit handlers already (one of them could hand the GIL over): only the teardown differs.
-# The groups are not destroyed: destroy_process_group leaves the worker threads running while anything still
-# refers to a group (DeepSpeed does), and it may hand the GIL over, which would make the abort a matter of chance.
+# Rank 1 drops an all-reduce and then keeps the GIL (a busy loop under a long switch interval) for a second before it
+# exits; rank 0 joins the all-reduce once rank 1 holds the GIL (rank 1 creates a file then), so the worker thread
+# that completes the all-reduce on rank 1 has to take the GIL during the exit to free the tensor, as after a job
+# whose last collective is followed at once by the exit. Both ways of exiting have run the exit handlers already
+# (one of them could hand the GIL over): only the teardown differs. The groups are not destroyed:
+# destroy_process_group leaves the worker threads running while anything still refers to a group (DeepSpeed does),
+# and it may hand the GIL over, which would make the abort a matter of chance.
 LATE_RELEASE = textwrap.dedent("""
-    import atexit, sys, time
+    import atexit, os, sys, time
     import torch
     import torch.distributed as dist
     from adamix_ds.cli import exit_process
@@ -27,26 +28,31 @@ LATE_RELEASE = textwrap.dedent("""
     groups = [dist.group.WORLD, dist.new_group([0, 1])]  # held elsewhere, as DeepSpeed holds its groups
     dist.barrier()
     print("job done", flush=True)
+    how, holding = sys.argv[1:]
     sys.setswitchinterval(1000.0)
     if dist.get_rank() == 0:
-        time.sleep(0.5)
+        while not os.path.exists(holding):
+            time.sleep(0.01)
     dist.all_reduce(torch.ones(1), async_op=True)
     atexit._run_exitfuncs()
     if dist.get_rank() == 1:
+        open(holding, "w").close()
         deadline = time.perf_counter() + 1.0
         while time.perf_counter() < deadline:
             pass
-    if sys.argv[1] == "exit_process":
+    if how == "exit_process":
         exit_process(0)
     sys.exit(0)
 """)
 
 
 def _two_ranks(script, how):
+    holding = script.parent / f"rank-1-holds-the-gil-{how}"
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, str(script), how], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), how, str(holding)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     return [p.returncode for p in procs], outputs
 

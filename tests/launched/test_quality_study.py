@@ -179,7 +179,7 @@ def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
     command = [sys.executable, str(REPO / "benchmarks" / "quality_study.py"), "--preset", "smoke",
                "--work_dir", str(work), "--data_dir", str(tmp_path / "data"), "--docs_root", str(docs),
                "--methods", "adamix-lora,adapter,moa-sparse"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     pretrain = json.loads((work / "pretrain" / "run.json").read_text())
@@ -213,7 +213,8 @@ def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
     # The extension's budget and adapter parts on the same base and data: the sweep chooses on dev with the
     # reference's regularisers, the budgets reuse the sweep's runs, the adapter part reuses the first table's.
     before = {p.parent for p in (work / "runs").rglob("scores.json")}
-    done = subprocess.run(command[:-2] + ["--parts", "budget,adapter"], capture_output=True, text=True, check=False)
+    done = subprocess.run(command[:-2] + ["--parts", "budget,adapter"], capture_output=True, text=True, check=False,
+                          timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     budget = json.loads((work / "parts" / "budget.json").read_text())
     sweep = budget["sweep"]
@@ -272,25 +273,35 @@ def test_table_pairs_each_method_with_lora_seed_by_seed_and_chooses_on_dev():
     assert "Chosen on dev (accuracy): adamix-lora (merged), test accuracy 22.0 ± 0.0." in table
 
 
-def test_a_failing_job_cancels_the_jobs_not_yet_started():
+def test_a_failing_job_cancels_the_jobs_not_yet_started(monkeypatch):
     import threading
-    import time
+    from concurrent.futures import Future
 
     from adamix_ds.study.runner import run_side_by_side
 
-    started, lock = [], threading.Lock()
+    assert run_side_by_side(lambda item: item * 10, [3, 0, 2], workers=2) == [30, 0, 20]
+
+    items, started, lock, all_cancelled = list(range(8)), [], threading.Lock(), threading.Event()
+    cancel, cancels = Future.cancel, []
+
+    def counted_cancel(future):
+        cancelled = cancel(future)
+        cancels.append(future)
+        if len(cancels) == len(items):
+            all_cancelled.set()
+        return cancelled
+
+    monkeypatch.setattr(Future, "cancel", counted_cancel)
 
     def job(item):
         with lock:
             started.append(item)
         if item == 1:
             raise RuntimeError("job 1 failed")
-        time.sleep(0.2)
-        return item * 10
+        assert all_cancelled.wait(timeout=10), "the failure cancelled nothing"  # job 0 runs until the cancel
+        return item
 
-    assert run_side_by_side(job, [3, 0, 2], workers=2) == [30, 0, 20]
-    started.clear()
     with pytest.raises(RuntimeError, match="job 1 failed"):
-        run_side_by_side(job, list(range(8)), workers=2)
+        run_side_by_side(job, items, workers=2)
     # Jobs 0 and 1 start together; at most the one a worker picked up before the cancel follows.
     assert sorted(started[:2]) == [0, 1] and len(started) <= 3

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from launching import read_line
 
 from adamix_ds.training.launcher_watch import gone, launcher_processes, watch_launcher
 
@@ -26,8 +27,8 @@ def _tree():
     """bash exec -a deepspeed python (runner) -> python ... deepspeed.launcher.launch (node) -> python (rank)."""
     runner = subprocess.Popen(["bash", "-c", f'exec -a deepspeed {sys.executable} -c "$0" "$1" "$2"', RUNNER, NODE,
                                LEAF], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    leaf = int(runner.stdout.readline())
-    assert runner.stdout.readline().strip() == "ready"
+    leaf = int(read_line(runner.stdout, 60))
+    assert read_line(runner.stdout, 60).strip() == "ready"
     return runner, leaf
 
 
