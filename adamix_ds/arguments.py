@@ -16,6 +16,7 @@ from typing import Optional
 import yaml
 from transformers import HfArgumentParser
 
+from .builtin_models import shipped_base
 from .config import METHODS, ConfigError, MixtureConfig
 
 
@@ -23,8 +24,9 @@ from .config import METHODS, ConfigError, MixtureConfig
 class ModelArguments:
     model_name_or_path: str = field(
         default="tiny:llama",
-        metadata={"help": "A local Hugging Face model directory, a hub name, or tiny:<family> for a small model "
-                  "built from config (llama, mistral, qwen2, qwen3, gpt2, gpt_neox, phi)."},
+        metadata={"help": "A local Hugging Face model directory, a hub name, shipped:restaurants (the small base "
+                  "pretrained for the default run, inside the package), or tiny:<family> for a small model built "
+                  "from config (llama, mistral, qwen2, qwen3, gpt2, gpt_neox, phi)."},
     )
     tokenizer_name_or_path: Optional[str] = field(
         default=None,
@@ -36,6 +38,12 @@ class ModelArguments:
         metadata={"help": "Attention kernel, Hugging Face's names: sdpa (the default where the model supports it), "
                           "eager, flash_attention_2 (needs the flash-attn package and a GPU), flex_attention."},
     )
+
+    def __post_init__(self) -> None:
+        try:
+            self.model_name_or_path = shipped_base(self.model_name_or_path)
+        except FileNotFoundError as error:
+            raise ConfigError(str(error)) from None
 
     def loading_options(self) -> dict:
         """Keyword arguments of from_pretrained / from_config that these arguments set."""
@@ -138,6 +146,12 @@ class TrainArguments:
     loss_chunk_tokens: int = field(default=1024, metadata={"help": "Target tokens per chunk of the output projection."})
     num_samples: int = field(default=4, metadata={"help": "Generate for this many held-out prompts at the end."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample."})
+    slot_accuracy: bool = field(
+        default=False,
+        metadata={"help": "At the end, the share of the input's attribute values (name[...], food[...]) that greedy "
+                          "outputs realise, on every held-out input: the base, then each serving. The default task's "
+                          "metric (the embedded default run sets it)."},
+    )
     merge_at_end: bool = field(default=True, metadata={"help": "Write merged adapter and model after training."})
     ddp_timeout: int = field(
         default=1800,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 _LLAMA_LIKE = dict(
@@ -46,6 +48,21 @@ def tiny_config(model_type: str, vocab_size: int = 128, **overrides) -> Pretrain
         raise ValueError(f"no tiny config for {model_type!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
     special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, **special, **{**TINY_CONFIGS[model_type], **overrides})
+
+
+SHIPPED_BASES = {"shipped:restaurants": Path(__file__).resolve().parent / "resources" / "restaurants_base"}
+"""Pretrained bases inside the package, by name (training.default_base makes them)."""
+
+
+def shipped_base(name: str) -> str:
+    """The directory of a shipped base for its name; any other name unchanged."""
+    if name not in SHIPPED_BASES:
+        return name
+    path = SHIPPED_BASES[name]
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{name}: the shipped base is missing from {path}; make it with "
+                                "`python launch/pretrain_default_base.py`")
+    return str(path)
 
 
 BUILTIN_SIZES = {"tiny": TINY_CONFIGS, "small": SMALL_CONFIGS, "medium": MEDIUM_CONFIGS, "large": LARGE_CONFIGS}

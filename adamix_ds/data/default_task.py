@@ -35,7 +35,8 @@ NEAR = ["Café Adriatic", "Café Brazil", "Café Rouge", "Crowne Plaza Hotel", "
         "The Sorrento", "Yippee Noodle Bar", "All Bar One", "Avalon", "Burger King"]
 
 
-def _meaning(rng: random.Random) -> dict:
+def draw_meaning(rng: random.Random) -> dict:
+    """A random meaning representation: a name and an eat type, and each other attribute with its own chance."""
     m = {"name": rng.choice(NAMES), "eatType": rng.choice(EAT_TYPES)}
     for key, values, p in (("food", FOODS, 0.8), ("priceRange", PRICES, 0.7), ("customer rating", RATINGS, 0.6),
                            ("area", AREAS, 0.7), ("familyFriendly", ["yes", "no"], 0.5), ("near", NEAR, 0.4)):
@@ -90,7 +91,7 @@ def generate(seed: int = 2022) -> dict[str, list[dict]]:
     for split, count in SPLITS.items():
         rows = []
         for _ in range(count):
-            m = _meaning(rng)
+            m = draw_meaning(rng)
             rows.append({"prompt": f"{meaning_text(m)} =>", "completion": " " + realise(m, rng)})
         splits[split] = rows
     return splits

@@ -86,6 +86,19 @@ def complete(model, tokenizer, prompt_ids: list[list[int]], config: GenerationCo
     return outputs
 
 
+@torch.no_grad()
+def complete_batch(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig,
+                   synced: bool = False) -> list[str]:
+    """Decode prompts of any lengths together, left-padded (a decoder continues from the last position)."""
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in prompt_ids)
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config, synced_gpus=synced)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
 def prompt_of(row: dict) -> tuple[list[int], list[int]]:
     """(prompt ids, reference ids) of a tokenized example: the prompt is everything before the first target."""
     labels = row["labels"]

@@ -1,13 +1,11 @@
-"""The study's own base: a sentencepiece tokenizer and a randomly initialised Llama, both from the
-documentation corpus, then pretrained with the trainer's `--method full` under ZeRO-3."""
+"""The study's own base: a sentencepiece tokenizer from the documentation corpus and that corpus as text rows; the
+initial model (training.initial_model) is then pretrained with the trainer's `--method full` under ZeRO-3."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-
-from ..data.tokenizer import SENTENCEPIECE_CONFIG
 
 
 def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int) -> Path:
@@ -27,25 +25,6 @@ def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int) -> Path:
     os.replace(f"{prefix}.model", model)
     Path(f"{prefix}.vocab").unlink(missing_ok=True)
     return model
-
-
-def write_initial_model(out_dir: Path, tokenizer_model: Path, model_config: dict, vocab_size: int, seed: int) -> Path:
-    """A Hugging Face directory: Llama config, random weights drawn with `seed`, and the tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if (out_dir / "config.json").is_file():
-        return out_dir
-    config = AutoConfig.for_model("llama", vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                  **model_config)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp)
-    (tmp / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
-    (tmp / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG) + "\n")
-    os.replace(tmp, out_dir)
-    return out_dir
 
 
 def text_rows(text_file: Path, out: Path) -> Path:

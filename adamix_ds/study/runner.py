@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..distributed.collectives import free_port
+from ..training.initial_model import write_initial_model
 from . import pretraining, python_docs, wordnet_tasks
 from .presets import Preset, StudyMethod
 from .scoring import HEADLINE
@@ -85,8 +86,7 @@ class QualityStudy:
         base = out / "merged" / "model"
         if (out / "run.json").is_file() and (base / "config.json").is_file():
             return base
-        init = pretraining.write_initial_model(self.work_dir / "initial-model", self.tokenizer, p.model,
-                                               p.vocab_size, seed=0)
+        init = write_initial_model(self.work_dir / "initial-model", self.tokenizer, p.model, p.vocab_size, seed=0)
         options = {
             "model_name_or_path": init, "method": "full", "data_path": self.pretrain_files["train"],
             "eval_data_path": self.pretrain_files["validation"], "data_format": "text", "packing": "true",

@@ -14,6 +14,7 @@ import json
 import torch
 
 from .. import distributed
+from ..config import EVAL_MODES
 from ..methods.adamix.expert_diagnostics import expert_divergence, selection_counts
 from ..methods.adamix.stochastic_routing import RoutePlan
 from .losses import causal_lm_losses
@@ -79,18 +80,23 @@ class AdaMixTrainer(ReplicatedTrainer):
         return self.eval_modes
 
     def eval_sums(self, batch: dict, rows: list[int], mode: str) -> tuple[int, float]:
-        """Random-mode evaluation routes each example by its index in the eval set (any batching, any ranks)."""
-        with self._eval_routing(mode), self.router.keyed_rows(rows):
+        with self.serving(mode, rows):
             out = causal_lm_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                    chunk_tokens=self.args.loss_chunk_tokens)
         return out.tokens, out.lm.item()
 
     @contextlib.contextmanager
-    def _eval_routing(self, mode: str):
+    def serving(self, mode: str, rows: list[int]):
+        """Random mode routes each example by its index in the eval set (any batching, any ranks)."""
+        if mode not in EVAL_MODES:
+            with super().serving(mode, rows):
+                yield
+            return
         saved = self.router.eval_mode
         self.router.set_eval_mode(mode)
         try:
-            yield
+            with self.router.keyed_rows(rows):
+                yield
         finally:
             self.router.set_eval_mode(saved)
 

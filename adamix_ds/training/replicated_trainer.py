@@ -12,6 +12,7 @@ One optimizer step, on every rank:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -121,6 +122,22 @@ class ReplicatedTrainer(Trainer):
                                     f"in a row (--max_nonfinite_steps {limit}); the last checkpoint is intact")
 
     # Checkpoints and the final check.
+    def served_modes(self) -> list[str]:
+        return ["base", *super().served_modes()]
+
+    @contextlib.contextmanager
+    def serving(self, mode: str, rows: list[int]):
+        """`base`: the mixtures' hooks come off, so the model is the untrained base; other modes as evaluated."""
+        if mode != "base":
+            with super().serving(mode, rows):
+                yield
+            return
+        self.mixtures.detach()
+        try:
+            yield
+        finally:
+            self.mixtures.attach(self.model)
+
     def write_checkpoint(self, directory: Path) -> dict:
         return write_replicated_state(directory, self.mixtures, self.optimizer, self.scheduler)
 

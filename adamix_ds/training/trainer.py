@@ -9,9 +9,11 @@ trains, how a step is made, what its checkpoint holds and what it exports: `Repl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,7 +29,8 @@ from ..data.tokenizer import load_tokenizer, use_chat_template
 from ..distributed.ds_config import BatchPlan, load_ds_config, resolve_ds_config
 from ..distributed.sharded_base import enable_activation_checkpointing, load_base
 from ..distributed.storage import StorageError
-from ..export.generation import complete, prompt_of
+from ..data.slot_accuracy import slot_accuracy
+from ..export.generation import complete, complete_batch, prompt_of
 from ..hashing import counter_hash
 from ..methods.accounting import ParameterCount
 from . import preflight
@@ -36,6 +39,9 @@ from .monitoring import Monitor, peak_memory_gb
 from .termination import TerminationRequest, TrainingInterrupted
 
 logger = logging.getLogger("adamix_ds")
+
+SCORING_BATCH = 50
+"""Prompts decoded together per rank for --slot_accuracy (--per_device_eval_batch_size overrides)."""
 
 
 def total_steps(args: TrainArguments, num_examples: int, plan: BatchPlan) -> int:
@@ -173,6 +179,47 @@ class Trainer:
         """Method-specific scalars added at each logging step."""
         return {}
 
+    @contextlib.contextmanager
+    def serving(self, mode: str, rows: list[int]):
+        """Within the block the model serves as `mode` (one of served_modes()) for a batch of eval-set `rows`."""
+        yield
+
+    def served_modes(self) -> list[str]:
+        """What the end-of-run slot accuracy compares: each eval mode (methods with a base to compare add it)."""
+        return self.eval_mode_names()
+
+    @torch.no_grad()
+    def score_slots(self) -> dict[str, float]:
+        """--slot_accuracy: the percent of attribute values realised by greedy outputs for every held-out prompt, in
+        each served mode. Each rank decodes its share in batches, all ranks as many (ZeRO-3 generates together)."""
+        if not self.args.slot_accuracy or self.eval_data is None:
+            return {}
+        rank, world = distributed.rank(), distributed.world_size()
+        prompts = [prompt_of(self.eval_data[i])[0] for i in range(len(self.eval_data))]
+        texts = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        mine = list(range(rank, len(prompts), world))
+        size = self.args.per_device_eval_batch_size or SCORING_BATCH
+        batches = math.ceil(math.ceil(len(prompts) / world) / size)
+        config = GenerationConfig(max_new_tokens=self.args.sample_max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        self.model.eval()
+        scores = {}
+        for mode in self.served_modes():
+            outputs = {}
+            for b in range(batches):
+                rows = mine[b * size:(b + 1) * size]
+                keys = rows or [0]  # a rank out of rows decodes one prompt and drops it
+                with self.serving(mode, keys):
+                    decoded = complete_batch(self.model, self.tokenizer, [prompts[i] for i in keys], config,
+                                             synced=world > 1)
+                outputs.update(zip(rows, decoded))
+            for part in distributed.all_gather_objects(outputs):
+                outputs.update(part)
+            scores[mode] = slot_accuracy(texts, [outputs[i] for i in range(len(prompts))])
+        logger.info("slot accuracy on %d held-out inputs: %s", len(prompts),
+                    ", ".join(f"{mode} {score:.1f}%" for mode, score in scores.items()))
+        return scores
+
     def save(self) -> None:
         """Collective: OUTPUT_DIR/checkpoints/step-N, published atomically the same way for every family."""
         state = TrainerState(step=self.step, routing_seed=self.seed, consumed_examples=self.step * self.plan.global_batch)
@@ -235,11 +282,12 @@ class Trainer:
             raise StorageError(f"{error}; {what_survives(self.output_dir)}; free space, then "
                                f"{self.rerun_export()}") from None
         samples = self.write_samples()
+        slots = self.score_slots()
         summary = {"final_step": self.step, "final_eval": final, "merged": merged, "samples": samples,
-                   "parameters": self.parameter_count.to_dict()}
+                   "parameters": self.parameter_count.to_dict(), **({"slot_accuracy": slots} if slots else {})}
         self._write_run_json(summary)
         self.close()
-        self._report_outputs(merged)
+        self._report_outputs(merged, final, slots)
         return summary
 
     def write_samples(self) -> list[dict]:
@@ -263,7 +311,21 @@ class Trainer:
                             sample["reference"])
         return samples
 
-    def _report_outputs(self, merged: dict) -> None:
+    def _report_outputs(self, merged: dict, final: dict, slots: dict) -> None:
+        """The closing summary a newcomer reads: what changed, where each output is, what to try next."""
+        results = []
+        first = next((h for h in self.history if any(k.endswith("/loss") and k.startswith("eval/") for k in h)), None)
+        for mode in self.eval_mode_names():
+            key = f"eval/{mode}/loss"
+            if key in final:
+                start = f"{first[key]:.2f} at step {first['step']} -> " if first is not None and key in first else ""
+                results.append(f"eval loss ({mode}): {start}{final[key]:.2f} at step {self.step}")
+        if slots:
+            served = [f"{mode} {score:.1f}%" for mode, score in slots.items()]
+            results.append("slot accuracy (attribute values the greedy output states, every held-out input): "
+                           + " -> ".join(served))
+        if results:
+            logger.info("results:\n  %s", "\n  ".join(results))
         lines = [f"checkpoints: {self.output_dir / 'checkpoints'}"]
         if self.monitor.log_dir is not None:
             lines.append(f"tensorboard: {self.monitor.log_dir}  (tensorboard --logdir {self.monitor.log_dir})")
@@ -272,6 +334,18 @@ class Trainer:
             lines.append(f"samples: {self.output_dir / 'samples.jsonl'}")
         lines.append(f"run record: {self.output_dir / 'run.json'}")
         logger.info("outputs:\n  %s", "\n  ".join(lines))
+        steps = []
+        if self.monitor.log_dir is not None:
+            steps.append(f"tensorboard --logdir {self.monitor.log_dir}")
+        if "model" in merged:
+            prompt = ""
+            if self.eval_data is not None and len(self.eval_data):
+                text = self.tokenizer.decode(prompt_of(self.eval_data[0])[0], skip_special_tokens=True)
+                prompt = f" --prompt {shlex.quote(text)}"
+            steps.append(f"python launch/generate.py --model_path {merged['model']}{prompt}")
+        steps.append("deepspeed launch/train.py --deepspeed ds_configs/zero3.json --model_name_or_path YOUR_MODEL "
+                     "--data_path YOUR_DATA.jsonl   (README: Running on real models)")
+        logger.info("next:\n  %s", "\n  ".join(steps))
 
     def close(self) -> None:
         self.monitor.close()

@@ -11,16 +11,24 @@ def test_default_run_end_to_end(tmp_path):
     record = run_record(tmp_path)
     evals = [h["eval/merged/loss"] for h in record["history"] if "eval/merged/loss" in h]
     assert len(evals) == 4  # steps 0, 40, 80, 120
-    assert evals[-1] < evals[0] - 0.5, evals
+    assert evals[-1] < evals[0] - 0.2, evals  # measured 0.89 -> 0.57
     assert record["arguments"]["data"]["data_path"].endswith("restaurants/train.jsonl")
-    assert record["arguments"]["model"]["model_name_or_path"] == "small:llama"
+    assert record["arguments"]["model"]["model_name_or_path"].endswith("resources/restaurants_base")
+    # Fine-tuning the shipped base makes it state more of the input: slot accuracy over all 200 held-out inputs
+    # (measured 17.3% -> 27.9%; the README's bound is a gain of at least 5 points).
+    slots = record["slot_accuracy"]
+    assert list(slots) == ["base", "merged", "random"]
+    assert slots["merged"] >= slots["base"] + 5, slots
+    assert f"base {slots['base']:.1f}% -> merged {slots['merged']:.1f}% -> random {slots['random']:.1f}%" in proc.stdout
+    assert f"python launch/generate.py --model_path {tmp_path / 'merged' / 'model'} --prompt 'name[" in proc.stdout
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "merged" / "adapter" / "adapter_model.safetensors").is_file()
     index = json.loads((tmp_path / "merged" / "model" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(s["prompt"].endswith("=>") and s["generated"] for s in samples)
-    for where in ("checkpoints:", "tensorboard:", "merged adapter:", "merged model:", "samples:", "run record:"):
+    for where in ("eval loss (merged):", "checkpoints:", "tensorboard:", "merged adapter:", "merged model:", "samples:",
+                  "run record:", "tensorboard --logdir"):
         assert where in proc.stdout
     _check_tensorboard(tmp_path / "tensorboard")
     # Not a terminal: one line per logging step with the ETA, from rank 0 only.
@@ -45,7 +53,7 @@ def _check_tensorboard(directory):
     assert "hyperparameters/text_summary" in events.Tags()["tensors"]
     losses = [e.value for e in events.Scalars("train/loss")]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.4
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1  # measured 0.75 -> 0.60
     evals = [e.value for e in events.Scalars("eval/merged/loss")]
     assert evals == sorted(evals, reverse=True)
     counts = sum(e.value for tag in scalars if tag.startswith("experts/selection_count/layer_0/down/")
