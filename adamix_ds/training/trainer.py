@@ -29,7 +29,7 @@ from ..data.tokenizer import load_tokenizer, use_chat_template
 from ..distributed.ds_config import BatchPlan, load_ds_config, resolve_ds_config
 from ..distributed.sharded_base import enable_activation_checkpointing, load_base
 from ..distributed.storage import StorageError
-from ..data.slot_accuracy import slot_accuracy
+from ..data.slot_accuracy import meaning_of, slot_accuracy
 from ..export.generation import complete, complete_batch, prompt_of
 from ..hashing import counter_hash
 from ..methods.accounting import ParameterCount
@@ -197,6 +197,9 @@ class Trainer:
         rank, world = distributed.rank(), distributed.world_size()
         prompts = [prompt_of(self.eval_data[i])[0] for i in range(len(self.eval_data))]
         texts = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        if not any(meaning_of(text) for text in texts):
+            logger.warning("--slot_accuracy: no held-out prompt holds attributes like name[...]; not scored")
+            return {}
         mine = list(range(rank, len(prompts), world))
         size = self.args.per_device_eval_batch_size or SCORING_BATCH
         batches = math.ceil(math.ceil(len(prompts) / world) / size)

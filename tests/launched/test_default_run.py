@@ -59,3 +59,15 @@ def _check_tensorboard(directory):
     counts = sum(e.value for tag in scalars if tag.startswith("experts/selection_count/layer_0/down/")
                  for e in events.Scalars(tag))
     assert counts == 120 * 2 * 2  # q and v of layer 0, one draw per pass (two with consistency) per step
+
+
+def test_slot_accuracy_on_data_without_attributes_warns_and_the_run_ends_well(tmp_path):
+    data = tmp_path / "plain.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say {i} =>", "completion": f" number {i}."}) + "\n"
+                            for i in range(40)))
+    proc = run_entry("train.py", ["--model_name_or_path", "tiny:llama", "--data_path", str(data),
+                                  "--eval_split_ratio", "0.2", "--max_steps", "2", "--eval_steps", "0", "--num_samples",
+                                  "0", "--merge_at_end", "false", "--slot_accuracy", "true",
+                                  "--output_dir", str(tmp_path / "run")])
+    assert "--slot_accuracy: no held-out prompt holds attributes like name[...]; not scored" in proc.stdout
+    assert "slot_accuracy" not in run_record(tmp_path / "run")
