@@ -50,7 +50,9 @@ def tiny_config(model_type: str, vocab_size: int = 128, **overrides) -> Pretrain
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, **special, **{**TINY_CONFIGS[model_type], **overrides})
 
 
-SHIPPED_BASES = {"shipped:restaurants": Path(__file__).resolve().parent / "resources" / "restaurants_base"}
+DEFAULT_BASE = "shipped:restaurants"
+"""The shipped base the embedded default run fine-tunes."""
+SHIPPED_BASES = {DEFAULT_BASE: Path(__file__).resolve().parent / "resources" / "restaurants_base"}
 """Pretrained bases inside the package, by name (training.default_base makes them)."""
 
 

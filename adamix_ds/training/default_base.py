@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ..arguments import parse_arguments
-from ..builtin_models import SHIPPED_BASES, SMALL_CONFIGS
+from ..builtin_models import DEFAULT_BASE, SHIPPED_BASES, SMALL_CONFIGS
 from ..data import default_task
 from ..data.default_corpus import SEED, pretraining_rows, write_text_rows
 from .initial_model import write_initial_model
@@ -22,7 +22,6 @@ from .recipe import train
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_NAME = "shipped:restaurants"
 ROWS = 30_000
 HELD_OUT = 1_000
 """Of the rows, the last ones are the pretraining's own dev set."""
@@ -34,7 +33,7 @@ PRETRAINING = {
 }
 
 
-def pretrain_default_base(work_dir: Path, out_dir: Path = SHIPPED_BASES[SHIPPED_NAME], **overrides: str) -> Path:
+def pretrain_default_base(work_dir: Path, out_dir: Path = SHIPPED_BASES[DEFAULT_BASE], **overrides: str) -> Path:
     """Pretrain the default base in this process and write it (weights, config, tokenizer, provenance) to out_dir."""
     work_dir = Path(work_dir)
     rows, dropped = pretraining_rows(ROWS)
@@ -55,8 +54,9 @@ def pretrain_default_base(work_dir: Path, out_dir: Path = SHIPPED_BASES[SHIPPED_
         "made_by": "python launch/pretrain_default_base.py", "pretraining_options": options | {
             "model_name_or_path": "small:llama, seed 0", "data_path": "data.default_corpus", "eval_data_path":
             "data.default_corpus", "output_dir": "-"},
-        "corpus": {"generator": "adamix_ds.data.default_corpus", "seed": SEED, "rows": ROWS, "row": "two wordings of one drawn meaning",
-                   "held_out_for_dev": HELD_OUT, "rows_dropped_for_a_task_target": dropped},
+        "corpus": {"generator": "adamix_ds.data.default_corpus", "seed": SEED, "rows": ROWS,
+                   "row": "two wordings of one drawn meaning", "held_out_for_dev": HELD_OUT,
+                   "rows_dropped_for_a_task_target": dropped},
         "final_eval": summary.get("final_eval"), "final_step": summary.get("final_step"),
     }, indent=2, default=str) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -24,12 +24,12 @@ from .. import distributed
 from ..arguments import DataArguments, ModelArguments, TrainArguments
 from ..config import MixtureConfig
 from ..data.batching import StepSampler, collate
+from ..data.slot_accuracy import meaning_of, slot_accuracy
 from ..data.tokenization import train_eval_datasets
 from ..data.tokenizer import load_tokenizer, use_chat_template
 from ..distributed.ds_config import BatchPlan, load_ds_config, resolve_ds_config
 from ..distributed.sharded_base import enable_activation_checkpointing, load_base
 from ..distributed.storage import StorageError
-from ..data.slot_accuracy import meaning_of, slot_accuracy
 from ..export.generation import complete, complete_batch, prompt_of
 from ..hashing import counter_hash
 from ..methods.accounting import ParameterCount
@@ -152,19 +152,13 @@ class Trainer:
         """Token-mean eval loss per mode; the eval set is split across ranks and the sums all-reduced."""
         if self.eval_data is None:
             return {}
-        rank, world = distributed.rank(), distributed.world_size()
-        batch_size = self.args.per_device_eval_batch_size or self.plan.micro_batch
-        mine = list(range(rank, len(self.eval_data), world))
-        batches = math.ceil(math.ceil(len(self.eval_data) / world) / batch_size)
+        batches = self.rank_batches(self.args.per_device_eval_batch_size or self.plan.micro_batch)
         self.model.eval()
         metrics = {}
         for mode in self.eval_mode_names():
             sums = torch.zeros(2, dtype=torch.float64)
-            for b in range(batches):
-                rows = mine[b * batch_size:(b + 1) * batch_size]
-                # Under ZeRO-3 every rank must run the same number of forwards: a rank out of rows runs a
-                # batch that counts no token.
-                keys = rows or [0]
+            for rows in batches:
+                keys = rows or [0]  # a rank out of rows runs a batch that counts no token
                 batch = self.batch(keys, self.eval_data)
                 if not rows:
                     batch["labels"].fill_(-100)
@@ -174,6 +168,14 @@ class Trainer:
             metrics[f"eval/{mode}/loss"] = loss
             metrics[f"eval/{mode}/perplexity"] = math.exp(min(loss, 50.0))
         return metrics
+
+    def rank_batches(self, size: int) -> list[list[int]]:
+        """This rank's eval-set rows in batches of `size`. Under ZeRO-3 every rank must run the same number of
+        forwards, so every rank gets as many batches; a rank out of rows gets empty ones."""
+        rank, world = distributed.rank(), distributed.world_size()
+        mine = list(range(rank, len(self.eval_data), world))
+        count = math.ceil(math.ceil(len(self.eval_data) / world) / size)
+        return [mine[b * size:(b + 1) * size] for b in range(count)]
 
     def extra_metrics(self) -> dict:
         """Method-specific scalars added at each logging step."""
@@ -194,27 +196,23 @@ class Trainer:
         each served mode. Each rank decodes its share in batches, all ranks as many (ZeRO-3 generates together)."""
         if not self.args.slot_accuracy or self.eval_data is None:
             return {}
-        rank, world = distributed.rank(), distributed.world_size()
         prompts = [prompt_of(self.eval_data[i])[0] for i in range(len(self.eval_data))]
         texts = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
         if not any(meaning_of(text) for text in texts):
             logger.warning("--slot_accuracy: no held-out prompt holds attributes like name[...]; not scored")
             return {}
-        mine = list(range(rank, len(prompts), world))
-        size = self.args.per_device_eval_batch_size or SCORING_BATCH
-        batches = math.ceil(math.ceil(len(prompts) / world) / size)
+        batches = self.rank_batches(self.args.per_device_eval_batch_size or SCORING_BATCH)
         config = GenerationConfig(max_new_tokens=self.args.sample_max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         self.model.eval()
         scores = {}
         for mode in self.served_modes():
             outputs = {}
-            for b in range(batches):
-                rows = mine[b * size:(b + 1) * size]
+            for rows in batches:
                 keys = rows or [0]  # a rank out of rows decodes one prompt and drops it
                 with self.serving(mode, keys):
                     decoded = complete_batch(self.model, self.tokenizer, [prompts[i] for i in keys], config,
-                                             synced=world > 1)
+                                             synced=distributed.world_size() > 1)
                 outputs.update(zip(rows, decoded))
             for part in distributed.all_gather_objects(outputs):
                 outputs.update(part)
