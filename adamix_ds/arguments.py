@@ -20,6 +20,10 @@ from .builtin_models import shipped_base
 from .config import METHODS, ConfigError, MixtureConfig
 
 
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
@@ -39,11 +43,53 @@ class ModelArguments:
                           "eager, flash_attention_2 (needs the flash-attn package and a GPU), flex_attention."},
     )
 
+    quantization_bit: Optional[int] = field(
+        default=None,
+        metadata={"help": "Load the frozen base quantized by bitsandbytes: 4 (QLoRA's 4-bit weights) or 8 (LLM.int8); "
+                          "the mixtures stay in the run's precision. LLaMA-Factory's name. Not with --method full."},
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4 (transformers' name)."}
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantize the 4-bit block scales too (QLoRA's double quantization, about "
+                                        "0.4 bits per weight less)."}
+    )
+    bnb_4bit_compute_dtype: Optional[str] = field(
+        default=None, metadata={"help": "dtype the 4-bit weights are dequantized to for each matmul: bfloat16, "
+                                        "float16 or float32 (default: the run's, bf16 when the DeepSpeed config "
+                                        "enables it)."}
+    )
+
     def __post_init__(self) -> None:
         try:
             self.model_name_or_path = shipped_base(self.model_name_or_path)
         except FileNotFoundError as error:
             raise ConfigError(str(error)) from None
+        if self.quantization_bit not in (None, 4, 8):
+            raise ConfigError(f"--quantization_bit={self.quantization_bit}: choose 4 or 8 (or leave it unset for an "
+                              "unquantized base)")
+        if self.bnb_4bit_quant_type not in QUANT_TYPES:
+            raise ConfigError(f"--bnb_4bit_quant_type={self.bnb_4bit_quant_type!r}: choose {' or '.join(QUANT_TYPES)}")
+        if self.bnb_4bit_compute_dtype not in (None, *COMPUTE_DTYPES):
+            raise ConfigError(f"--bnb_4bit_compute_dtype={self.bnb_4bit_compute_dtype!r}: choose one of "
+                              f"{', '.join(COMPUTE_DTYPES)}")
+
+    def quantization_config(self, dtype):
+        """transformers' BitsAndBytesConfig for --quantization_bit (None without it). The 4-bit weights are stored
+        in the run's dtype `dtype` (packed, two or more per element): ZeRO-3 partitions and gathers them like any
+        weight of that dtype, as transformers requires for bitsandbytes under ZeRO-3."""
+        if self.quantization_bit is None:
+            return None
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.quantization_bit == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        compute = getattr(torch, self.bnb_4bit_compute_dtype) if self.bnb_4bit_compute_dtype else dtype
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+                                  bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=dtype)
 
     def loading_options(self) -> dict:
         """Keyword arguments of from_pretrained / from_config that these arguments set."""

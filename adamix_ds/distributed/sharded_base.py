@@ -11,6 +11,7 @@ forward and in backward. The mixtures hook onto the base's modules from outside.
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ from .. import distributed
 from ..arguments import ModelArguments
 from ..builtin_models import builtin_config, is_builtin
 from ..config import ConfigError
+from .quantized_weights import keep_storage_layout
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +40,35 @@ class ShardedBase:
         return self.stage == 3
 
 
-def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int) -> PreTrainedModel:
+def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int,
+                 device: torch.device | None = None) -> PreTrainedModel:
+    """The base in `dtype`; quantized as --quantization_bit asks, onto `device` (None: the current device, where
+    transformers puts a quantized model when ZeRO-3 forbids a device map)."""
     name = model_args.model_name_or_path
+    quantization = model_args.quantization_config(dtype)
     if is_builtin(name):
         try:
             config = builtin_config(name, vocab_size)
         except ValueError as error:
             raise ConfigError(f"--model_name_or_path: {error}") from error
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, **model_args.loading_options())
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **model_args.pretrained_options())
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **model_args.loading_options())
+        if quantization is None:
+            return model
+        with tempfile.TemporaryDirectory(prefix="adamix_ds-base-") as directory:
+            model.save_pretrained(directory)  # bitsandbytes quantizes weights as from_pretrained loads them
+            del model
+            return _pretrained(directory, model_args, dtype, quantization, device)
+    return _pretrained(name, model_args, dtype, quantization, device)
+
+
+def _pretrained(name: str, model_args: ModelArguments, dtype: torch.dtype, quantization,
+                device: torch.device | None) -> PreTrainedModel:
+    options = model_args.pretrained_options()
+    if quantization is not None:
+        options["quantization_config"] = quantization
+        if device is not None:
+            options["device_map"] = {"": device}
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **options)
 
 
 def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed: int,
@@ -67,14 +89,17 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
         from transformers.integrations import HfDeepSpeedConfig
 
         keep.append(HfDeepSpeedConfig(ds_config))  # transformers keeps only a weak reference
-    model = _from_source(model_args, dtype, vocab_size)
+    # transformers does not create a quantized model under zero.Init: every rank loads the whole quantized base
+    # and the coordinator partitions it below (the 4-bit weights are stored in `dtype`, as ZeRO-3 needs).
+    model = _from_source(model_args, dtype, vocab_size, device=None if stage == 3 else device)
+    keep_storage_layout(model)
     if not trainable:
         model.requires_grad_(False)
         if stage == 3:
             coordinator = _attach_coordinator(model, ds_config)
             keep += [coordinator, _reset_per_decoder_forward(model, coordinator)]
-        else:
-            model.to(device)
+        elif model_args.quantization_bit is None:
+            model.to(device)  # a quantized base was loaded onto it
     return ShardedBase(model=model, stage=stage, device=device, _keepalive=keep)
 
 
@@ -109,7 +134,7 @@ def _attach_coordinator(model: torch.nn.Module, ds_config: dict):
     return DeepSpeedZeRoOffload(
         model,
         timers=NoopTimer(),
-        ds_config=config,
+        ds_config=ds_config,  # the dict: it partitions a model not created under zero.Init (a quantized one) with it
         overlap_comm=zero.overlap_comm,
         prefetch_bucket_size=zero.prefetch_bucket_size,
         max_reuse_distance=zero.max_reuse_distance,

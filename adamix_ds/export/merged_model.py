@@ -14,6 +14,7 @@ full mixture checkpoint, which `generation.load_for_generation` serves.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import socket
@@ -25,6 +26,7 @@ from torch import nn
 
 from .. import distributed
 from ..config import ADAMIX, ROUTED
+from ..distributed.quantized_weights import dequantized_weight, quantized_linears, weight_numel
 from ..distributed.sharded import full_numel, gathered
 from ..distributed.storage import agreed_writes, require_free_space
 from ..methods.adamix.merging import merge_experts
@@ -52,9 +54,8 @@ def _saved_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return entries
 
 
-def _owners(entries, world: int) -> list[int]:
-    """Contiguous split of the entries into `world` shares of about equal size."""
-    sizes = [full_numel(t) for _, t in entries]
+def _owners(sizes: list[int], world: int) -> list[int]:
+    """Contiguous split of entries of these sizes into `world` shares of about equal size."""
     total, owners, acc = sum(sizes), [], 0
     for size in sizes:
         owners.append(min(world - 1, acc * world // max(total, 1)))
@@ -70,8 +71,19 @@ def folded_deltas(mixtures: MixtureSet) -> dict[str, tuple[torch.Tensor, bool]]:
     }
 
 
+def _plain_config(model: nn.Module):
+    """The model's config as an unquantized checkpoint's (its weights are written dequantized)."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenizer=None) -> Path:
-    """Collective: the full model with each weight W + delta (see folded_deltas), one safetensors shard per rank."""
+    """Collective: the full model with each weight W + delta (see folded_deltas), one safetensors shard per rank.
+
+    A quantized base's weights are written dequantized (W is what its matmuls used), in the dtype of the model's
+    unquantized weights, with a config that loads without bitsandbytes."""
     rank, world = distributed.rank(), distributed.world_size()
     with agreed_writes(f"creating {directory}"):
         directory.mkdir(parents=True, exist_ok=True)
@@ -80,15 +92,22 @@ def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenize
     if lost:
         raise ValueError(f"merged weights {lost} are not saved under their own name (tied to another weight?); "
                          "their LoRA delta would be lost")
-    owners = _owners(entries, world)
-    total = sum(full_numel(t) * t.element_size() for _, t in entries)
+    quantized = quantized_linears(model)
+    dtype = model.get_input_embeddings().weight.dtype
+    sizes = [weight_numel(quantized[name]) if name in quantized else full_numel(t) for name, t in entries]
+    owners = _owners(sizes, world)
+    total = sum(size * (dtype.itemsize if name in quantized else t.element_size())
+                for (name, t), size in zip(entries, sizes))
     require_free_space(directory, total, f"writing the merged model {directory}")
     shard_name = f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
     shard = {}
     for (name, tensor), owner in zip(entries, owners):
         with gathered([tensor]):
             if owner == rank:
-                value = tensor.detach().to("cpu", copy=True)
+                if name in quantized:
+                    value = dequantized_weight(quantized[name], dtype).to("cpu")
+                else:
+                    value = tensor.detach().to("cpu", copy=True)
                 if name in deltas:
                     delta, transposed = deltas[name]
                     value = (value.float() + (delta.T if transposed else delta)).to(value.dtype)
@@ -101,7 +120,7 @@ def write_merged_model(model: nn.Module, deltas: dict, directory: Path, tokenize
                           for (name, _), o in zip(entries, owners)}
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            model.config.save_pretrained(directory)
+            _plain_config(model).save_pretrained(directory)
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(directory)
             if tokenizer is not None:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from ..distributed.sharded import full_numel
+from ..distributed.quantized_weights import base_numel
 from .hooks import HookedMixtures
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ class ParameterCount:
 
 
 def count_parameters(model: nn.Module, mixtures: HookedMixtures) -> ParameterCount:
-    """Counts from shapes (ZeRO-3 aware); what is served after merging is the family's to say."""
-    base = sum(full_numel(p) for p in model.parameters())
+    """Counts from shapes (ZeRO-3 aware; a quantized weight counts as the weight it stands for); what is served
+    after merging is the family's to say."""
+    base = base_numel(model)
     trained = sum(p.numel() for p in mixtures.parameters() if p.requires_grad)
     count = ParameterCount(base=base, trained=trained, served=mixtures.served_parameters())
     logger.info(count.summary())

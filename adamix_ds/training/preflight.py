@@ -104,6 +104,22 @@ def check_weight_files(directory: Path) -> None:
                           "save_pretrained(safe_serialization=True) in a trusted environment)")
 
 
+def check_quantization(model_args: ModelArguments, mixture: MixtureConfig) -> None:
+    """A quantized base needs bitsandbytes and a method that leaves the base frozen."""
+    if model_args.quantization_bit is None:
+        return
+    if mixture.spec.experts == "none":
+        raise ConfigError(f"--quantization_bit={model_args.quantization_bit} with --method {mixture.method}: a "
+                          "quantized base holds frozen integer codes that an optimizer cannot update; train a "
+                          "mixture over it (e.g. --method adamix-lora or lora, the QLoRA arrangement) or drop "
+                          "--quantization_bit")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(f"--quantization_bit needs bitsandbytes: pip install 'adamix_ds[quantization]' "
+                          f"({error})") from None
+
+
 def check_model(model_args: ModelArguments, mixture: MixtureConfig, gradient_checkpointing: bool = False) -> None:
     """Build a weightless (meta-device) copy of the model, which checks --attn_implementation and
     --gradient_checkpointing, and resolve the mixture's targets on it: no download, no memory."""

@@ -75,6 +75,7 @@ class Trainer:
         preflight.check_output_dir(args.output_dir)
         preflight.check_method_options(mixture_config, args)
         preflight.check_training_values(args)
+        preflight.check_quantization(model_args, mixture_config)
         preflight.check_model(model_args, mixture_config, args.gradient_checkpointing)
         self.tokenizer = load_tokenizer(model_args)
         use_chat_template(self.tokenizer, data_args.chat_template)
