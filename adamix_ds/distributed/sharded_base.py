@@ -15,12 +15,15 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from safetensors.torch import save_model
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .. import distributed
 from ..arguments import ModelArguments
 from ..builtin_models import builtin_config, is_builtin
 from ..config import ConfigError
+from .ds_config import AUTO, LAYER_SIZED, resolve_layer_sized
+from .host_memory import return_freed_memory
 from .quantized_weights import keep_storage_layout
 
 logger = logging.getLogger(__name__)
@@ -55,7 +58,10 @@ def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int
         if quantization is None:
             return model
         with tempfile.TemporaryDirectory(prefix="adamix_ds-base-") as directory:
-            model.save_pretrained(directory)  # bitsandbytes quantizes weights as from_pretrained loads them
+            # bitsandbytes quantizes weights as from_pretrained loads them. Every rank writes its own copy
+            # (save_pretrained writes on rank 0 only).
+            config.save_pretrained(directory)
+            save_model(model, f"{directory}/model.safetensors", metadata={"format": "pt"})
             del model
             return _pretrained(directory, model_args, dtype, quantization, device)
     return _pretrained(name, model_args, dtype, quantization, device)
@@ -83,14 +89,19 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     stage = ds_config["zero_optimization"]["stage"]
     device = torch.device(get_accelerator().device_name(distributed.local_rank()))
+    if device.type == "cpu":
+        return_freed_memory()
     keep = []
+    if any(ds_config["zero_optimization"].get(key) == AUTO for key in LAYER_SIZED):
+        resolve_layer_sized(ds_config, decoder_layer_numel(model_args, vocab_size))
     torch.manual_seed(seed)
-    if stage == 3:
+    # transformers does not create a quantized model under zero.Init: every rank loads the whole quantized base
+    # and the coordinator partitions it below (the 4-bit weights are stored in `dtype`, as ZeRO-3 needs). A
+    # built-in base is drawn whole first, to be quantized as it loads.
+    if stage == 3 and model_args.quantization_bit is None:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep.append(HfDeepSpeedConfig(ds_config))  # transformers keeps only a weak reference
-    # transformers does not create a quantized model under zero.Init: every rank loads the whole quantized base
-    # and the coordinator partitions it below (the 4-bit weights are stored in `dtype`, as ZeRO-3 needs).
     model = _from_source(model_args, dtype, vocab_size, device=None if stage == 3 else device)
     keep_storage_layout(model)
     if not trainable:
@@ -101,6 +112,22 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
         elif model_args.quantization_bit is None:
             model.to(device)  # a quantized base was loaded onto it
     return ShardedBase(model=model, stage=stage, device=device, _keepalive=keep)
+
+
+def decoder_layer_numel(model_args: ModelArguments, vocab_size: int) -> int:
+    """Parameters of the model's largest decoder layer, counted on a weightless (meta-device) copy."""
+    name = model_args.model_name_or_path
+    if is_builtin(name):
+        config = builtin_config(name, vocab_size)
+    else:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not stacks:
+        return sum(p.numel() for p in model.parameters())
+    layers = max(stacks, key=len)
+    return max(sum(p.numel() for p in layer.parameters()) for layer in layers)
 
 
 def require_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -1,6 +1,6 @@
 """A 4-bit base (--quantization_bit 4) through the real launcher: ZeRO-3 partitions it on 2 ranks, AdaMix lowers
 the loss, resumes exactly and exports a dequantized merged model that PEFT's adapter on the unquantized base
-reproduces up to the quantization error. A routed method trains over an 8-bit base that ZeRO-2 replicates."""
+reproduces up to the quantization error. A routed method trains over a built-in 8-bit base, partitioned too."""
 
 import math
 import shutil
@@ -15,9 +15,9 @@ bnb = pytest.importorskip("bitsandbytes")
 STEPS = 6
 
 
-def _args(ws, out, method="adamix-lora", bits="4", config="zero3", extra=()):
+def _args(ws, out, method="adamix-lora", bits="4", extra=()):
     return [
-        "--deepspeed", f"ds_configs/{config}.json", "--model_name_or_path", str(ws.base), "--data_path", str(ws.data),
+        "--deepspeed", "ds_configs/zero3.json", "--model_name_or_path", str(ws.base), "--data_path", str(ws.data),
         "--output_dir", str(out), "--max_seq_length", "40", "--max_steps", str(STEPS), "--logging_steps", "1",
         "--learning_rate", "1e-2", "--warmup_steps", "1", "--method", method, "--quantization_bit", bits,
         "--eval_split_ratio", "0.1", "--eval_steps", "3", "--per_device_train_batch_size", "4", *extra,
@@ -35,8 +35,9 @@ def runs(workspace, tmp_path_factory):
     run_entry("train.py", _args(workspace, out["resumed"], extra=(
         "--num_experts", "4", "--consistency_weight", "1", "--resume_from_checkpoint", "auto",
         "--merge_at_end", "false")), ranks=2)
-    run_entry("train.py", _args(workspace, out["routed"], method="moa-sparse", bits="8", config="zero2",
-                                extra=("--merge_at_end", "false")), ranks=2)
+    routed = _args(workspace, out["routed"], method="moa-sparse", bits="8", extra=("--merge_at_end", "false"))
+    routed[routed.index(str(workspace.base))] = "tiny:llama"  # drawn whole, then quantized as it loads
+    run_entry("train.py", [*routed, "--tokenizer_name_or_path", str(workspace.tokenizer)], ranks=2)
     return out
 
 
@@ -64,10 +65,12 @@ def test_resume_on_a_4bit_base_continues_exactly(runs):
         assert resumed[step] == uninterrupted[step], step
 
 
-def test_routed_method_trains_on_an_8bit_base_replicated_by_zero2(runs):
+def test_routed_method_trains_on_a_built_in_8bit_base_partitioned_by_zero3(runs):
     record = run_record(runs["routed"])
     assert record["arguments"]["model"]["quantization_bit"] == 8
-    assert record["base_partition"]["zero_stage"] == 2
+    partition = record["base_partition"]
+    assert partition["zero_stage"] == 3
+    assert partition["rank0_numel"]["model.layers.0.self_attn.q_proj.weight"] == 32 * 32 // 2  # int8, halved
     losses = _eval_losses(runs["routed"], mode="routed")
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.05, losses
 

@@ -9,7 +9,7 @@ import torch
 
 from adamix_ds.arguments import TrainArguments, parse_arguments
 from adamix_ds.config import ConfigError
-from adamix_ds.distributed.ds_config import load_ds_config, resolve_ds_config
+from adamix_ds.distributed.ds_config import LAYER_SIZED, load_ds_config, resolve_ds_config
 from adamix_ds.training.optimization import build_optimizer, build_scheduler
 
 SHIPPED = load_ds_config("ds_configs/zero3.json")
@@ -25,6 +25,8 @@ def test_auto_values_resolve_from_arguments():
     sched = config["scheduler"]["params"]
     assert (sched["warmup_max_lr"], sched["warmup_num_steps"], sched["total_num_steps"]) == (1e-3, 4, 100)
     assert config["bf16"]["enabled"] is torch.cuda.is_available()
+    sized = {key: config["zero_optimization"].pop(key) for key in LAYER_SIZED}
+    assert sized == dict.fromkeys(LAYER_SIZED, "auto")  # load_base resolves them from the model
     assert "auto" not in json.dumps(config)
 
 
@@ -159,3 +161,48 @@ def test_yaml_run_file_with_command_line_override(tmp_path):
     run_file.write_text("num_experts: [8\n")
     with pytest.raises(ConfigError, match=f"--config {run_file}"):
         parse_arguments(["--config", str(run_file)])
+
+
+def test_gathered_working_set_is_two_decoder_layers_capped_at_deepspeeds_default():
+    from adamix_ds.arguments import ModelArguments
+    from adamix_ds.distributed.ds_config import resolve_layer_sized
+    from adamix_ds.distributed.sharded_base import decoder_layer_numel
+
+    config, _ = resolve_ds_config(load_ds_config("ds_configs/zero3.json"), TrainArguments(), 2, lambda plan: 10)
+    zero = config["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == "auto"
+    # tiny:llama's layer by hand: q, o 32x32; k, v 32x16 (2 of 4 heads of 8); gate, up, down 32x64; two norms of 32
+    layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32
+    assert decoder_layer_numel(ModelArguments(model_name_or_path="tiny:llama"), vocab_size=128) == layer
+    resolve_layer_sized(config, layer)
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 2 * layer
+    big = {"zero_optimization": {"stage3_max_live_parameters": "auto", "stage3_max_reuse_distance": 5}}
+    resolve_layer_sized(big, 860_000_000)  # a 70B layer
+    assert big["zero_optimization"] == {"stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 5}
+
+
+def test_freed_host_buffers_go_back_to_the_system(tmp_path):
+    """glibc's default: a freed 16 MB block raises the mmap threshold, the next 16 MB block comes from the heap
+    and stays resident after it is freed (a small block after it pins the heap). With return_freed_memory() it
+    is unmapped."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from adamix_ds.distributed.host_memory import return_freed_memory\n"
+        "def rss():\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')) / 1024\n"
+        "if sys.argv[1] == 'fixed':\n"
+        "    assert return_freed_memory()\n"
+        "a = torch.ones(4 * 1024 * 1024)\n"
+        "del a\n"
+        "before = rss()\n"
+        "b = torch.ones(4 * 1024 * 1024)\n"
+        "c = torch.ones(1000)\n"
+        "del b\n"
+        "print(rss() - before)\n")
+    kept = {mode: float(subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
+                                       check=True, timeout=120).stdout.split()[-1]) for mode in ("glibc", "fixed")}
+    assert kept["glibc"] > 12 and kept["fixed"] < 2, kept
