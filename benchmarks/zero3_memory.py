@@ -81,6 +81,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--quantization_bit", type=int, default=None)
     p.add_argument("--bf16", action="store_true", help="enable bf16 in the config (the base, and 4-bit storage)")
+    p.add_argument("--gathered_limit", type=int, default=None,
+                   help="set stage3_max_live_parameters and stage3_max_reuse_distance (e.g. DeepSpeed's 1e9)")
     p.add_argument("--method", default="adamix-lora")
     p.add_argument("--name", required=True)
     p.add_argument("--local_rank", type=int, default=-1)
@@ -102,6 +104,9 @@ def main() -> None:
     raw = load_ds_config(args.deepspeed)
     if args.bf16:
         raw["bf16"] = {"enabled": True}
+    if args.gathered_limit is not None:
+        raw["zero_optimization"].update(stage3_max_live_parameters=args.gathered_limit,
+                                        stage3_max_reuse_distance=args.gathered_limit)
     ds_config, _ = resolve_ds_config(raw, train, distributed.world_size(), lambda plan: args.steps)
     model_args = ModelArguments(model_name_or_path=args.model, quantization_bit=args.quantization_bit)
     base = load_base(model_args, ds_config, vocab_size=args.vocab, seed=0)
