@@ -97,10 +97,9 @@ def per_rank(shapes: dict, world: int, micro: int, seq: int, quantized: bool, ch
         base = shapes["linear"] * NF4_BYTES + (shapes["base"] - shapes["linear"]) * element
     else:
         base = shapes["base"] * element
-    if quantized:  # the limits count stored elements: two layers of packed codes
-        gathered = 2 * shapes["layer"] * NF4_BYTES
-    else:  # stage3_max_live_parameters "auto", and never less than the layer that runs
-        gathered = max(shapes["layer"], min(MAX_GATHERED, 2 * shapes["layer"])) * element
+    # stage3_max_live_parameters "auto" (never less than the layer that runs). The limit counts stored elements,
+    # and a 4-bit weight packs several codes into one, so a 4-bit base may keep as many bytes gathered.
+    gathered = min(max(shapes["layer"], min(MAX_GATHERED, 2 * shapes["layer"])) * element, base)
     activations = shapes["activations"]
     if checkpointing:
         per_layer = activations / shapes["layers"]
