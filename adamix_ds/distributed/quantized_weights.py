@@ -47,8 +47,9 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = module.weight
     if type(weight).__name__ == "Params4bit":
         value = F.dequantize_4bit(weight.data, weight.quant_state)
-    else:
-        value = F.int8_vectorwise_dequant(weight.data, weight.SCB)
+    else:  # the row scales move from the weight to the layer's state at its first forward
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        value = F.int8_vectorwise_dequant(weight.data, scales)
     return value.reshape(module.out_features, module.in_features).to(dtype)
 
 

@@ -35,7 +35,7 @@ def runs(workspace, tmp_path_factory):
     run_entry("train.py", _args(workspace, out["resumed"], extra=(
         "--num_experts", "4", "--consistency_weight", "1", "--resume_from_checkpoint", "auto",
         "--merge_at_end", "false")), ranks=2)
-    routed = _args(workspace, out["routed"], method="moa-sparse", bits="8", extra=("--merge_at_end", "false"))
+    routed = _args(workspace, out["routed"], method="moa-sparse", bits="8")
     routed[routed.index(str(workspace.base))] = "tiny:llama"  # drawn whole, then quantized as it loads
     run_entry("train.py", [*routed, "--tokenizer_name_or_path", str(workspace.tokenizer)], ranks=2)
     return out
@@ -110,3 +110,28 @@ def test_merged_model_is_the_dequantized_base_plus_the_adapter_peft_loads(runs, 
         else:
             torch.testing.assert_close(value, original[name].detach(), rtol=0, atol=0, msg=name)
     assert moved == 4  # the LoRA targets: q and v of both layers
+
+
+def test_routed_export_writes_the_8bit_base_dequantized(runs, workspace):
+    """The routed export writes the base beside the mixture: here the 8-bit weights read back, each within half a
+    quantization step (of the row's fp16 values) of the weights the run drew (tiny:llama, seed 42)."""
+    from adamix_ds.builtin_models import builtin_config
+
+    model_dir = runs["routed"] / "merged" / "model"
+    assert (model_dir / "mixtures.safetensors").is_file()
+    written = {}
+    for shard in model_dir.glob("*.safetensors"):
+        if shard.name != "mixtures.safetensors":
+            written.update(load_file(str(shard)))
+    vocab = AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
+    torch.manual_seed(42)
+    drawn = dict(AutoModelForCausalLM.from_config(builtin_config("tiny:llama", vocab)).named_parameters())
+    assert written.keys() == drawn.keys()
+    for name, value in written.items():
+        w = drawn[name].detach()
+        if name.endswith("proj.weight"):
+            step = w.half().float().abs().amax(dim=1, keepdim=True) / 127
+            assert bool(((value - w).abs() <= step / 2 + (w - w.half().float()).abs() + 1e-6).all()), name
+            assert not torch.equal(value, w), name
+        else:
+            assert torch.equal(value, w), name
