@@ -148,7 +148,7 @@ def main() -> None:
         "measured": measured("zero3-bf16")}
     check["large:llama 4-bit, 2 ranks, 64 tokens"] = {
         "formula": per_rank(shapes_bf16, 2, 1, 64, quantized=True, checkpointing=False),
-        "measured": measured("zero3-4bit")}
+        "measured": measured("zero3-4bit-from-directory")}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "memory_formula.json").write_text(json.dumps({"method": args.method, "rows": rows, "check": check},
                                                             indent=2) + "\n")
