@@ -29,6 +29,8 @@ METHODS = {
     "moa-sparse": dict(method="moa-sparse"),
     "molora": dict(method="molora", num_experts=4),
     "hydralora": dict(method="hydralora", num_experts=4),
+    "topk-lora": dict(method="topk-lora", num_experts=4),
+    "adapter": dict(method="adapter"),
 }
 
 
@@ -155,3 +157,18 @@ def test_a_no_grad_forward_leaves_the_stored_4bit_weights_alone(tmp_path):
     for name, layer in layers.items():
         assert torch.equal(layer.weight.data, stored[name][0]), name
         assert torch.equal(layer.weight.quant_state.absmax, stored[name][1]), name
+
+
+def test_load_base_replicates_a_quantized_base_on_one_process(base_dir):
+    """The ZeRO-2 / one-rank path of load_base: the quantized base on this device, its unquantized weights copied
+    out of the checkpoint's memory map, computing what the quantized model computes."""
+    from adamix_ds.distributed.sharded_base import load_base
+
+    config = {"bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}
+    args = ModelArguments(model_name_or_path=str(base_dir), quantization_bit=4)
+    base = load_base(args, config, vocab_size=VOCAB, seed=0)
+    assert not base.partitioned and len(quantized_linears(base.model)) == 14
+    reference = _quantized(base_dir)
+    ids = batch(rows=2, length=9)
+    with torch.no_grad():
+        torch.testing.assert_close(base.model.eval()(ids).logits, reference.eval()(ids).logits, rtol=0, atol=0)
