@@ -135,3 +135,17 @@ def test_routed_export_writes_the_8bit_base_dequantized(runs, workspace):
             assert not torch.equal(value, w), name
         else:
             assert torch.equal(value, w), name
+
+
+def test_merge_job_with_the_same_quantization_writes_the_same_model(runs, workspace, tmp_path):
+    run_entry("merge.py", ["--checkpoint", str(runs["adamix"] / "checkpoints" / f"step-{STEPS}"),
+                           "--model_name_or_path", str(workspace.base), "--quantization_bit", "4",
+                           "--output_dir", str(tmp_path)])
+    ours, theirs = {}, {}
+    for shard in (tmp_path / "merged" / "model").glob("*.safetensors"):
+        ours.update(load_file(str(shard)))
+    for shard in (runs["adamix"] / "merged" / "model").glob("*.safetensors"):
+        theirs.update(load_file(str(shard)))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
