@@ -140,6 +140,10 @@ def check_model(model_args: ModelArguments, mixture: MixtureConfig, gradient_che
                               "with --trust_remote_code, so read it first") from None
     else:
         return  # a hub name: checked when it is loaded
+    if mixture.spec.experts == "none" and getattr(config, "quantization_config", None) is not None:
+        raise ConfigError(f"--model_name_or_path {name} is a quantized checkpoint (its config has a "
+                          f"quantization_config) and --method {mixture.method} would train its weights; train a "
+                          "mixture over it (e.g. --method adamix-lora or lora) or use the unquantized model")
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, **model_args.loading_options())

@@ -172,3 +172,17 @@ def test_load_base_replicates_a_quantized_base_on_one_process(base_dir):
     ids = batch(rows=2, length=9)
     with torch.no_grad():
         torch.testing.assert_close(base.model.eval()(ids).logits, reference.eval()(ids).logits, rtol=0, atol=0)
+
+
+def test_a_quantized_checkpoint_trains_mixtures_and_refuses_full(base_dir, tmp_path):
+    """A checkpoint saved quantized (bitsandbytes' serialization, uint8 storage) loads quantized without
+    --quantization_bit; --method full is refused for it before anything is loaded."""
+    from adamix_ds.training.preflight import check_model
+
+    _quantized(base_dir).save_pretrained(tmp_path)
+    args = ModelArguments(model_name_or_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="is a quantized checkpoint"):
+        check_model(args, MixtureConfig(method="full"))
+    check_model(args, MixtureConfig(method="lora"))
+    model = _from_source(args, torch.float32, VOCAB)
+    assert len(quantized_linears(model)) == 14 and base_numel(model) == base_numel(_quantized(base_dir))
