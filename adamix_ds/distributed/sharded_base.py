@@ -24,7 +24,7 @@ from ..builtin_models import builtin_config, is_builtin
 from ..config import ConfigError
 from .ds_config import AUTO, LAYER_SIZED, resolve_layer_sized
 from .host_memory import return_freed_memory
-from .quantized_weights import detach_from_checkpoint, keep_storage_layout
+from .quantized_weights import detach_from_checkpoint, keep_storage_layout, quantized_linears
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
         if stage == 3:
             coordinator = _attach_coordinator(model, ds_config)
             keep += [coordinator, _reset_per_decoder_forward(model, coordinator)]
-        elif model_args.quantization_bit is None:
+        elif not quantized_linears(model):
             model.to(device)  # a quantized base was loaded onto it
         elif device.type == "cpu":
             detach_from_checkpoint(model)

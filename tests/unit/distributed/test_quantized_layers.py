@@ -185,4 +185,11 @@ def test_a_quantized_checkpoint_trains_mixtures_and_refuses_full(base_dir, tmp_p
         check_model(args, MixtureConfig(method="full"))
     check_model(args, MixtureConfig(method="lora"))
     model = _from_source(args, torch.float32, VOCAB)
+    keep_storage_layout(model)
     assert len(quantized_linears(model)) == 14 and base_numel(model) == base_numel(_quantized(base_dir))
+    from adamix_ds.distributed.sharded_base import load_base
+
+    replicated = load_base(args, {"bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}, VOCAB, seed=0)
+    ids = batch(rows=2, length=9)
+    with torch.no_grad():
+        torch.testing.assert_close(replicated.model.eval()(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
