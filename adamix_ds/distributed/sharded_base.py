@@ -42,6 +42,14 @@ class ShardedBase:
     def partitioned(self) -> bool:
         return self.stage == 3
 
+    def release_gathered(self) -> None:
+        """Wait for the coordinator's prefetches and partition every weight it holds gathered. Needed before
+        weights are gathered outside a forward (the export): the prefetch that follows a forward's trace into the
+        backward an evaluation never runs leaves weights in flight, which DeepSpeed cannot gather again."""
+        for item in self._keepalive:
+            if hasattr(item, "empty_partition_cache"):
+                item.empty_partition_cache()
+
 
 def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int,
                  device: torch.device | None = None) -> PreTrainedModel:

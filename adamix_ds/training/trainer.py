@@ -278,6 +278,7 @@ class Trainer:
         self.verify()
         if self.step != self.resumed_step:  # resumed at the end (an export to redo): that checkpoint is the final one
             self.save()
+        self.base.release_gathered()
         try:
             merged = self.export() if args.merge_at_end else {}
         except StorageError as error:
