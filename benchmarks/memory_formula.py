@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from adamix_ds import MixtureConfig
 from adamix_ds.builtin_models import builtin_config
 from adamix_ds.distributed.ds_config import MAX_GATHERED
+from adamix_ds.distributed.sharded_base import largest_layer_numel
 from adamix_ds.methods.registry import inject_mixtures
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,7 +56,7 @@ def model_shapes(config, method: str, micro: int, seq: int, dtype: torch.dtype) 
     head = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-    layer = max(sum(p.numel() for p in block.parameters()) for block in layers)
+    layer = largest_layer_numel(model)  # what the "auto" ZeRO-3 limits are sized from
     mixtures = inject_mixtures(model, MixtureConfig(method=method), seed=0).to("meta")
     trained = sum(p.numel() for p in mixtures.parameters() if p.requires_grad)
     saved = [0]

@@ -117,8 +117,8 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
         if stage == 3:
             coordinator = _attach_coordinator(model, ds_config)
             keep += [coordinator, _reset_per_decoder_forward(model, coordinator)]
-        elif not quantized_linears(model):
-            model.to(device)  # a quantized base was loaded onto it
+        elif not quantized_linears(model):  # a quantized base was loaded onto the device already
+            model.to(device)
         elif device.type == "cpu":
             detach_from_checkpoint(model)
     return ShardedBase(model=model, stage=stage, device=device, _keepalive=keep)
@@ -133,11 +133,16 @@ def decoder_layer_numel(model_args: ModelArguments, vocab_size: int) -> int:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    return largest_layer_numel(model)
+
+
+def largest_layer_numel(model: torch.nn.Module) -> int:
+    """Parameters of the largest block in the model's longest module list (its decoder layers); the whole model
+    where it has none."""
     stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
     if not stacks:
         return sum(p.numel() for p in model.parameters())
-    layers = max(stacks, key=len)
-    return max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    return max(sum(p.numel() for p in layer.parameters()) for layer in max(stacks, key=len))
 
 
 def require_activation_checkpointing(model: PreTrainedModel) -> None:
