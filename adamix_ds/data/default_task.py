@@ -107,12 +107,17 @@ def data_file(split: str) -> str:
     return str(RESOURCES / f"{split}.jsonl")
 
 
+SINGLE_PIECES = ["[", "]", "."]
+"""Never merged with a neighbour: BPE trained on the prompts otherwise learns pieces like '[3' and '£20],', so a
+value inside an attribute list and the same value in a sentence share no piece and a small model cannot copy it."""
+
+
 def tokenizer_model() -> str:
     """The default sentencepiece model: trained on the shipped training text once, then cached."""
     import sentencepiece as spm
 
     text = (RESOURCES / "train.jsonl").read_bytes()
-    key = hashlib.sha256(text + str(VOCAB_SIZE).encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + f"{VOCAB_SIZE} {SINGLE_PIECES}".encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adamix_ds" / "tokenizers"
     model = cache / f"restaurants-{key}.model"
     if model.is_file():
@@ -124,7 +129,8 @@ def tokenizer_model() -> str:
     prefix = cache / f"restaurants-{key}.{os.getpid()}"
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=VOCAB_SIZE,
                                    model_type="bpe", pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-                                   character_coverage=1.0, minloglevel=2)
+                                   character_coverage=1.0, user_defined_symbols=SINGLE_PIECES,
+                                   minloglevel=2)
     os.replace(f"{prefix}.model", model)
     for leftover in (corpus, Path(f"{prefix}.vocab")):
         leftover.unlink(missing_ok=True)

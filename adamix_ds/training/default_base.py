@@ -1,8 +1,8 @@
 """How the shipped default base (resources/restaurants_base, `--model_name_or_path shipped:restaurants`) is made.
 
 A small:llama with the default task's sentencepiece tokenizer, drawn with a fixed seed, pretrained by this
-trainer's own `--method full` (one rank, ZeRO-3, seeded) on data.default_corpus's descriptions, then copied
-with its tokenizer into the package. `python launch/pretrain_default_base.py` makes it again.
+trainer's own `--method full` (one rank, ZeRO-3, seeded) on data.default_corpus's rows (a settings line, two
+descriptions), then copied with its tokenizer into the package. `python launch/pretrain_default_base.py` makes it again.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def pretrain_default_base(work_dir: Path, out_dir: Path = SHIPPED_BASES[DEFAULT_
             "model_name_or_path": "small:llama, seed 0", "data_path": "data.default_corpus", "eval_data_path":
             "data.default_corpus", "output_dir": "-"},
         "corpus": {"generator": "adamix_ds.data.default_corpus", "seed": SEED, "rows": ROWS,
-                   "row": "two wordings of one drawn meaning", "held_out_for_dev": HELD_OUT,
+                   "row": "a settings line (key=value) and two wordings of one drawn meaning",
+                   "held_out_for_dev": HELD_OUT,
                    "rows_dropped_for_a_task_target": dropped},
         "final_eval": summary.get("final_eval"), "final_step": summary.get("final_step"),
     }, indent=2, default=str) + "\n")

@@ -11,14 +11,14 @@ def test_default_run_end_to_end(tmp_path):
     record = run_record(tmp_path)
     evals = [h["eval/merged/loss"] for h in record["history"] if "eval/merged/loss" in h]
     assert len(evals) == 4  # steps 0, 40, 80, 120
-    assert evals[-1] < evals[0] - 0.2, evals  # measured 0.89 -> 0.57
+    assert evals[-1] < evals[0] - 0.4, evals  # measured 0.90 -> 0.25
     assert record["arguments"]["data"]["data_path"].endswith("restaurants/train.jsonl")
     assert record["arguments"]["model"]["model_name_or_path"].endswith("resources/restaurants_base")
-    # Fine-tuning the shipped base makes it state more of the input: slot accuracy over all 200 held-out inputs
-    # (measured 17.3% -> 27.9%; the README's bound is a gain of at least 5 points).
+    # The merged model states the input: slot accuracy over all 200 held-out inputs, at least the 80% aimed at
+    # and clearly above the base's (measured 82.2% -> 93.1%, random routing 93.0%).
     slots = record["slot_accuracy"]
     assert list(slots) == ["base", "merged", "random"]
-    assert slots["merged"] >= slots["base"] + 5, slots
+    assert slots["merged"] >= 80 and slots["merged"] >= slots["base"] + 5, slots
     assert f"base {slots['base']:.1f}% -> merged {slots['merged']:.1f}% -> random {slots['random']:.1f}%" in proc.stdout
     assert f"python launch/generate.py --model_path {tmp_path / 'merged' / 'model'} --prompt 'name[" in proc.stdout
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -53,7 +53,7 @@ def _check_tensorboard(directory):
     assert "hyperparameters/text_summary" in events.Tags()["tensors"]
     losses = [e.value for e in events.Scalars("train/loss")]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1  # measured 0.75 -> 0.60
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1  # measured 0.41 -> 0.25
     evals = [e.value for e in events.Scalars("eval/merged/loss")]
     assert evals == sorted(evals, reverse=True)
     counts = sum(e.value for tag in scalars if tag.startswith("experts/selection_count/layer_0/down/")

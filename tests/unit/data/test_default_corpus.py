@@ -1,4 +1,5 @@
-"""The shipped base's pretraining text: reproducible, and free of the default task's held-out targets."""
+"""The shipped base's pretraining text: reproducible, free of the default task's held-out targets, and never in
+the task's notation."""
 
 import json
 import random
@@ -9,21 +10,21 @@ from adamix_ds.arguments import ModelArguments
 from adamix_ds.builtin_models import SHIPPED_BASES, shipped_base
 from adamix_ds.config import ConfigError
 from adamix_ds.data import default_task
-from adamix_ds.data.default_corpus import held_out_targets, pretraining_rows
+from adamix_ds.data.default_corpus import held_out_targets, pretraining_rows, settings_line
 
 
 def test_no_held_out_target_and_the_same_text_every_time():
-    rows, dropped = pretraining_rows(10_000)
-    again, _ = pretraining_rows(10_000)
-    assert rows == again and len(rows) == 10_000 and dropped > 0
+    rows, dropped = pretraining_rows(30_000)  # as many as the shipped base's corpus
+    again, _ = pretraining_rows(30_000)
+    assert rows == again and len(rows) == 30_000 and dropped > 0
     targets = {r["completion"].strip() for split in ("validation", "test") for r in default_task.generate()[split]}
     assert targets == held_out_targets() and len(targets) > 300
     assert not any(target in row for row in rows for target in targets)
     # Drawn again from the task's generator: exactly the rows containing a held-out target were dropped.
     rng, kept, seen_dropped = random.Random(7), [], 0
-    for _ in range(10_000 + dropped):
+    for _ in range(30_000 + dropped):
         meaning = default_task.draw_meaning(rng)
-        row = " ".join(default_task.realise(meaning, rng) for _ in range(2))
+        row = " ".join([settings_line(meaning, rng)] + [default_task.realise(meaning, rng) for _ in range(2)])
         if any(target in row for target in targets):
             seen_dropped += 1
         else:
@@ -31,13 +32,17 @@ def test_no_held_out_target_and_the_same_text_every_time():
     assert kept == rows and seen_dropped == dropped
 
 
-def test_two_wordings_of_one_meaning_and_no_attribute_lists():
+def test_a_settings_line_then_two_descriptions_stating_every_value():
     rows, _ = pretraining_rows(2000)
-    assert not any("[" in row or "=>" in row for row in rows)
-    for row in rows[:200]:
-        first, second = row.split(". ", 1)[0], row
-        name = next(n for n in default_task.NAMES if n in first)
-        assert second.count(name) == 2, row  # the second wording names the same restaurant
+    assert not any("[" in row or "]" in row or "=>" in row for row in rows)  # never the task's notation
+    for row in rows:
+        line, descriptions = row.split(". ", 1)
+        facts = dict(item.split("=") for item in line.split(", "))
+        assert list(facts)[:2] == ["name", "type"] and set(facts) <= {
+            "name", "type", "food", "price", "rating", "area", "family friendly", "near"}, line
+        for key, value in facts.items():
+            said = "not family friendly" if value == "no" else "family friendly" if value == "yes" else value
+            assert descriptions.count(said) >= 2, (key, row)  # each wording states each fact
 
 
 def test_the_shipped_name_is_resolved_to_the_package_directory(tmp_path, monkeypatch):
