@@ -107,14 +107,30 @@ def prompt_of(row: dict) -> tuple[list[int], list[int]]:
     return row["input_ids"][:first], [t for t in labels[first:] if t != IGNORE_INDEX]
 
 
+def read_prompts(path: str) -> list[str]:
+    """The `prompt` of each line of a jsonl file (the training data's prompt-completion format)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--prompts_file {path}: file not found")
+    prompts = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ConfigError(f"--prompts_file {path}: line {number} is not a JSON object with a string 'prompt' "
+                              f"field (one per line, e.g. {{\"prompt\": \"name[Aromi] =>\"}}); for a few prompts use --prompt")
+        prompts.append(row["prompt"])
+    return prompts
+
+
 def generate_main(model_args: ModelArguments, args: GenerateArguments) -> list[dict]:
-    model, tokenizer, _ = load_for_generation(model_args, args)
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as handle:
-            prompts += [json.loads(line)["prompt"] for line in handle if line.strip()]
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise ConfigError("no prompt: pass --prompt TEXT or --prompts_file FILE")
+    model, tokenizer, _ = load_for_generation(model_args, args)
     torch.manual_seed(args.seed)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     completions = complete(model, tokenizer, ids, decoding_config(args, tokenizer))
