@@ -45,7 +45,8 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
-def _text(row: dict, column: str, where: str) -> None:
+def require_text(row: dict, column: str, where: str) -> None:
+    """The row has `column`, a non-empty string; else one line naming where and what was found."""
     if column not in row:
         raise ConfigError(f"{where}: no column {column!r}")
     value = row[column]
@@ -79,7 +80,7 @@ def check_example(row: dict, fmt: str, where: str) -> None:
         _messages(row.get("messages"), where)
     else:
         for column in COLUMNS[fmt]:
-            _text(row, column, where)
+            require_text(row, column, where)
 
 
 def check_examples(rows: Iterable[tuple[str, dict]], fmt: str, where: str) -> int:

@@ -15,6 +15,7 @@ from ..builtin_models import is_builtin
 from ..config import EVAL_MODES, ConfigError
 from ..data.labels import IGNORE_INDEX
 from ..data.tokenizer import load_tokenizer
+from ..data.validation import check_utf8, json_rows, require_text
 from .mixture_checkpoint import CONFIG_NAME, load_mixtures
 
 
@@ -108,20 +109,15 @@ def prompt_of(row: dict) -> tuple[list[int], list[int]]:
 
 
 def read_prompts(path: str) -> list[str]:
-    """The `prompt` of each line of a jsonl file (the training data's prompt-completion format)."""
-    if not Path(path).is_file():
-        raise ConfigError(f"--prompts_file {path}: file not found")
+    """The `prompt` of each row of a jsonl file (the training data's prompt-completion format), checked as data
+    files are: a bad row is refused in one line naming it."""
+    file, option = Path(path), "--prompts_file"
+    if not file.is_file():
+        raise ConfigError(f"{option} {path}: file not found")
+    check_utf8(file, option)
     prompts = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ConfigError(f"--prompts_file {path}: line {number} is not a JSON object with a string 'prompt' "
-                              f"field (one per line, e.g. {{\"prompt\": \"name[Aromi] =>\"}}); for a few prompts use --prompt")
+    for where, row in json_rows(file, option):
+        require_text(row, "prompt", where)
         prompts.append(row["prompt"])
     return prompts
 

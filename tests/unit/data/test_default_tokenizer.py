@@ -15,7 +15,10 @@ def _bare(pieces):
 
 def test_brackets_stay_single_pieces_and_values_keep_their_pieces():
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path="tiny:llama"))
-    pieces_of = lambda text: tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+
+    def pieces_of(text):
+        return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     same, differ = set(), set()
     for line in open(default_task.data_file("validation"), encoding="utf-8"):
         prompt = json.loads(line)["prompt"]
