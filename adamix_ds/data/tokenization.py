@@ -210,8 +210,12 @@ def train_eval_datasets(data_args: DataArguments, tokenizer: PreTrainedTokenizer
             data_args.eval_data_path = default_task.data_file("validation")
     train = tokenize(data_args.data_path, data_args, tokenizer)
     if data_args.eval_data_path:
-        return train, tokenize(data_args.eval_data_path, data_args, tokenizer)
-    if data_args.eval_split_ratio > 0:
+        held_out = tokenize(data_args.eval_data_path, data_args, tokenizer)
+    elif data_args.eval_split_ratio > 0:
         split = train.train_test_split(test_size=data_args.eval_split_ratio, seed=seed)
-        return split["train"], split["test"]
-    return train, None
+        train, held_out = split["train"], split["test"]
+    else:
+        return train, None
+    if data_args.max_eval_samples is not None:
+        held_out = held_out.select(range(min(data_args.max_eval_samples, len(held_out))))
+    return train, held_out

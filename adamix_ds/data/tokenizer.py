@@ -32,23 +32,28 @@ def use_chat_template(tokenizer: PreTrainedTokenizerBase, path: str | None) -> N
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
-    """The model directory's tokenizer, another tokenizer directory, or a sentencepiece .model file.
+    """The model's own tokenizer (a GGUF file's included), another tokenizer directory, or a sentencepiece .model
+    file; the end-of-sequence token pads where the tokenizer has no padding token.
 
     A built-in model (tiny:*, small:*) without --tokenizer_name_or_path gets the embedded default task's
     sentencepiece model, trained on its shipped text once and cached.
     """
-    source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
-    if is_builtin(source):
-        source = default_task.tokenizer_model()
-    if source.endswith(".model"):
-        if not Path(source).is_file():
-            raise ConfigError(f"--tokenizer_name_or_path {source}: file not found")
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(source, Path(tmp) / "tokenizer.model")
-            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG))
-            tokenizer = AutoTokenizer.from_pretrained(tmp)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = _read_tokenizer(model_args)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _read_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    name = model_args.tokenizer_name_or_path
+    if name is None and not model_args.source.builtin:
+        return model_args.source.load_tokenizer(model_args.trust_remote_code)
+    source = default_task.tokenizer_model() if name is None or is_builtin(name) else name
+    if not source.endswith(".model"):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    if not Path(source).is_file():
+        raise ConfigError(f"--tokenizer_name_or_path {source}: file not found")
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(source, Path(tmp) / "tokenizer.model")
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(SENTENCEPIECE_CONFIG))
+        return AutoTokenizer.from_pretrained(tmp)

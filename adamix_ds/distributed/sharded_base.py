@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import save_model
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .. import distributed
 from ..arguments import ModelArguments
-from ..builtin_models import builtin_config, is_builtin
 from ..config import ConfigError
 from .ds_config import AUTO, LAYER_SIZED, resolve_layer_sized
 from .host_memory import return_freed_memory
@@ -55,24 +54,24 @@ def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int
                  device: torch.device | None = None) -> PreTrainedModel:
     """The base in `dtype`; quantized as --quantization_bit asks, onto `device` (None: the current device, where
     transformers puts a quantized model when ZeRO-3 forbids a device map)."""
-    name = model_args.model_name_or_path
+    source = model_args.source
     quantization = model_args.quantization_config(dtype)
-    if is_builtin(name):
-        try:
-            config = builtin_config(name, vocab_size)
-        except ValueError as error:
-            raise ConfigError(f"--model_name_or_path: {error}") from error
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **model_args.loading_options())
-        if quantization is None:
-            return model
-        with tempfile.TemporaryDirectory(prefix="adamix_ds-base-") as directory:
-            # bitsandbytes quantizes weights as from_pretrained loads them. Every rank writes its own copy
-            # (save_pretrained writes on rank 0 only).
-            config.save_pretrained(directory)
-            save_model(model, f"{directory}/model.safetensors", metadata={"format": "pt"})
-            del model
-            return _pretrained(directory, model_args, dtype, quantization, device)
-    return _pretrained(name, model_args, dtype, quantization, device)
+    if source.builtin:
+        model = AutoModelForCausalLM.from_config(source.config(vocab_size=vocab_size), dtype=dtype,
+                                                 **model_args.loading_options())
+    elif source.is_gguf:
+        model = source.load(dtype, **model_args.pretrained_options())
+    else:
+        return _pretrained(source.location, model_args, dtype, quantization, device)
+    if quantization is None:
+        return model
+    with tempfile.TemporaryDirectory(prefix="adamix_ds-base-") as directory:
+        # bitsandbytes quantizes weights as from_pretrained loads them, so a base drawn or dequantized in memory is
+        # written out first. Every rank writes its own copy (save_pretrained writes on rank 0 only).
+        model.config.save_pretrained(directory)
+        save_model(model, f"{directory}/model.safetensors", metadata={"format": "pt"})
+        del model
+        return _pretrained(directory, model_args, dtype, quantization, device)
 
 
 def _pretrained(name: str, model_args: ModelArguments, dtype: torch.dtype, quantization,
@@ -103,10 +102,10 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
     if any(ds_config["zero_optimization"].get(key) == AUTO for key in LAYER_SIZED):
         resolve_layer_sized(ds_config, decoder_layer_numel(model_args, vocab_size))
     torch.manual_seed(seed)
-    # transformers does not create a quantized model under zero.Init: every rank loads the whole quantized base
-    # and the coordinator partitions it below (the 4-bit weights are stored in `dtype`, as ZeRO-3 needs). A
+    # transformers creates neither a quantized model nor one read from GGUF under zero.Init: every rank loads the
+    # whole base and the coordinator partitions it below (4-bit weights are stored in `dtype`, as ZeRO-3 needs). A
     # built-in base is drawn whole first, to be quantized as it loads.
-    if stage == 3 and model_args.quantization_bit is None:
+    if stage == 3 and model_args.quantization_bit is None and not model_args.source.is_gguf:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep.append(HfDeepSpeedConfig(ds_config))  # transformers keeps only a weak reference
@@ -126,11 +125,7 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
 
 def decoder_layer_numel(model_args: ModelArguments, vocab_size: int) -> int:
     """Parameters of the model's largest decoder layer, counted on a weightless (meta-device) copy."""
-    name = model_args.model_name_or_path
-    if is_builtin(name):
-        config = builtin_config(name, vocab_size)
-    else:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    config = model_args.source.config(model_args.trust_remote_code, vocab_size)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
     return largest_layer_numel(model)

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, HfArgumentParser
 
 from ..arguments import ModelArguments
-from ..builtin_models import is_builtin
 from ..config import EVAL_MODES, ConfigError
 from ..data.labels import IGNORE_INDEX
 from ..data.tokenizer import load_tokenizer
@@ -21,10 +20,16 @@ from .mixture_checkpoint import CONFIG_NAME, load_mixtures
 
 @dataclass
 class GenerateArguments:
-    model_path: str = field(metadata={"help": "A merged model directory (OUTPUT_DIR/merged/model) or a mixture "
-                                              "checkpoint (OUTPUT_DIR/checkpoints/step-N; needs --model_name_or_path)."})
+    model_path: str = field(metadata={"help": "A merged model directory (OUTPUT_DIR/merged/model), a mixture "
+                                              "checkpoint (OUTPUT_DIR/checkpoints/step-N; needs --model_name_or_path), "
+                                              "or any base --model_name_or_path takes (a GGUF file, "
+                                              "smollm2:135m-instruct), to generate from the base itself."})
     prompt: list[str] = field(default_factory=list, metadata={"help": "Prompt text (repeatable)."})
-    prompts_file: Optional[str] = field(default=None, metadata={"help": "A jsonl file with a 'prompt' field per line."})
+    prompts_file: Optional[str] = field(default=None, metadata={"help": "A jsonl file with a 'prompt' field per line, "
+                                                                        "or a 'messages' list per line (a chat "
+                                                                        "ending on a user turn)."})
+    chat: bool = field(default=False, metadata={"help": "Render each --prompt as a user turn with the tokenizer's chat "
+                                                        "template (instruct models); 'messages' rows always are."})
     eval_mode: str = field(default="merged", metadata={"help": f"Routing of a mixture checkpoint: {', '.join(EVAL_MODES)}."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate per prompt."})
     num_beams: int = field(default=1, metadata={"help": "Beam search width (1: greedy or sampling)."})
@@ -46,7 +51,7 @@ def decoding_config(args: GenerateArguments, tokenizer) -> GenerationConfig:
 
 def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
     """(model, tokenizer, mixtures) in eval mode: a merged model (mixtures None), a routed method's export
-    (base + mixture in one directory), or base + a mixture checkpoint routed as args.eval_mode."""
+    (base + mixture in one directory), base + a mixture checkpoint routed as args.eval_mode, or a base alone."""
     path = Path(args.model_path)
     mixtures = None
     if (path / "config.json").is_file():
@@ -57,16 +62,20 @@ def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
             # A routed method's export: the base model and its whole mixture (routers included) together.
             mixtures = load_mixtures(model, path)
     elif (path / CONFIG_NAME).is_file():
-        if is_builtin(model_args.model_name_or_path):
-            raise ConfigError("a mixture checkpoint needs --model_name_or_path: the base model directory it was "
-                              "trained on (for a built-in base, generate from OUTPUT_DIR/merged/model instead)")
+        if model_args.source.builtin:
+            raise ConfigError("a mixture checkpoint needs --model_name_or_path: the base model it was trained on "
+                              "(for a built-in base, generate from OUTPUT_DIR/merged/model instead)")
         tokenizer = load_tokenizer(model_args)
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_args.pretrained_options())
+        model = model_args.source.load(**model_args.pretrained_options())
         mixtures = load_mixtures(model, path)
         mixtures.set_eval_mode(args.eval_mode)
     else:
-        raise ConfigError(f"--model_path {path}: neither a merged model (config.json) nor a mixture checkpoint "
-                          f"({CONFIG_NAME})")
+        base = ModelArguments(**{**vars(model_args), "model_name_or_path": args.model_path})
+        if not base.source.is_gguf:
+            raise ConfigError(f"--model_path {path}: neither a merged model (config.json), a mixture checkpoint "
+                              f"({CONFIG_NAME}) nor a GGUF model")
+        tokenizer = load_tokenizer(base)
+        model = base.source.load(**base.pretrained_options())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     if mixtures is not None:
@@ -108,18 +117,44 @@ def prompt_of(row: dict) -> tuple[list[int], list[int]]:
     return row["input_ids"][:first], [t for t in labels[first:] if t != IGNORE_INDEX]
 
 
-def read_prompts(path: str) -> list[str]:
-    """The `prompt` of each row of a jsonl file (the training data's prompt-completion format), checked as data
-    files are: a bad row is refused in one line naming it."""
+def read_prompts(path: str) -> list[str | list[dict]]:
+    """The `prompt` (text) or `messages` (a chat) of each row of a jsonl file, checked as data files are: a bad row
+    is refused in one line naming it."""
     file, option = Path(path), "--prompts_file"
     if not file.is_file():
         raise ConfigError(f"{option} {path}: file not found")
     check_utf8(file, option)
     prompts = []
     for where, row in json_rows(file, option):
-        require_text(row, "prompt", where)
-        prompts.append(row["prompt"])
+        if "messages" in row:
+            prompts.append(require_chat(row, where))
+        else:
+            require_text(row, "prompt", where)
+            prompts.append(row["prompt"])
     return prompts
+
+
+def require_chat(row: dict, where: str) -> list[dict]:
+    """A conversation to continue: role/content turns that end on a user turn."""
+    messages = row["messages"]
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                            and isinstance(m.get("content"), str) for m in messages)):
+        raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} turns")
+    if messages[-1]["role"] != "user":
+        raise ConfigError(f"{where}: 'messages' must end on a user turn (the model writes the assistant's answer)")
+    return messages
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict], chat: bool) -> list[int]:
+    """Token ids of a prompt: plain text as the tokenizer encodes it, or a chat (a messages list, or with --chat a
+    text as one user turn) rendered by the tokenizer's template up to the assistant's turn."""
+    if isinstance(prompt, str) and not chat:
+        return tokenizer(prompt)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("--chat and 'messages' prompts need a chat template, and this tokenizer has none")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def generate_main(model_args: ModelArguments, args: GenerateArguments) -> list[dict]:
@@ -128,9 +163,9 @@ def generate_main(model_args: ModelArguments, args: GenerateArguments) -> list[d
         raise ConfigError("no prompt: pass --prompt TEXT or --prompts_file FILE")
     model, tokenizer, _ = load_for_generation(model_args, args)
     torch.manual_seed(args.seed)
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = [prompt_ids(tokenizer, p, args.chat) for p in prompts]
     completions = complete(model, tokenizer, ids, decoding_config(args, tokenizer))
-    rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+    rows = [{("prompt" if isinstance(p, str) else "messages"): p, "completion": c} for p, c in zip(prompts, completions)]
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))
     if args.output_file:

@@ -9,10 +9,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from ..arguments import ModelArguments, TrainArguments
-from ..builtin_models import builtin_config, is_builtin
 from ..config import EVAL_MODES, METHODS, ConfigError, MixtureConfig
 from ..distributed.sharded_base import require_activation_checkpointing
 from ..methods.registry import resolve_targets
@@ -124,22 +123,18 @@ def check_model(model_args: ModelArguments, mixture: MixtureConfig, gradient_che
     """Build a weightless (meta-device) copy of the model, which checks --attn_implementation and
     --gradient_checkpointing, and resolve the mixture's targets on it: no download, no memory."""
     name = model_args.model_name_or_path
-    if is_builtin(name):
-        try:
-            config = builtin_config(name, vocab_size=8)
-        except ValueError as error:
-            raise ConfigError(f"--model_name_or_path: {error}") from None
-    elif os.path.isdir(name):
-        check_weight_files(Path(name))
-        try:
-            config = AutoConfig.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
-        except ValueError as error:
-            if "trust_remote_code" not in str(error):
-                raise
-            raise ConfigError(f"--model_name_or_path {name}: the model's code comes with it (auto_map); it runs only "
-                              "with --trust_remote_code, so read it first") from None
-    else:
+    source = model_args.source
+    if os.path.isdir(source.location) and not source.is_gguf:
+        check_weight_files(Path(source.location))
+    elif not (source.builtin or source.is_gguf):
         return  # a hub name: checked when it is loaded
+    try:
+        config = source.config(model_args.trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ConfigError(f"--model_name_or_path {name}: the model's code comes with it (auto_map); it runs only "
+                          "with --trust_remote_code, so read it first") from None
     if mixture.spec.experts == "none" and getattr(config, "quantization_config", None) is not None:
         raise ConfigError(f"--model_name_or_path {name} is a quantized checkpoint (its config has a "
                           f"quantization_config) and --method {mixture.method} would train its weights; train a "

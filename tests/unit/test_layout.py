@@ -11,8 +11,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "adamix_ds"
 
 LAYERS = [
-    ("foundation", ("adamix_ds.config", "adamix_ds.arguments", "adamix_ds.builtin_models", "adamix_ds.hashing",
-                    "adamix_ds.version")),
+    ("foundation", ("adamix_ds.config", "adamix_ds.arguments", "adamix_ds.builtin_models", "adamix_ds.model_source",
+                    "adamix_ds.hashing", "adamix_ds.version")),
     ("distributed", ("adamix_ds.distributed",)),
     ("data", ("adamix_ds.data",)),
     ("methods", ("adamix_ds.methods",)),
