@@ -16,11 +16,11 @@ import logging
 import sys
 from pathlib import Path
 
-from adamix_ds.study.parts import PARTS, SETTINGS, ExtendedStudy
-from adamix_ds.study.parts_report import markdown, plot_budget
-from adamix_ds.study.presets import METHODS, PRESETS
-from adamix_ds.study.runner import QualityStudy, run_study
-from adamix_ds.study.wordnet_tasks import TASKS
+from quality.parts import PARTS, SETTINGS, ExtendedStudy
+from quality.parts_report import markdown, plot_budget
+from quality.presets import METHODS, PRESETS
+from quality.runner import QualityStudy, run_study
+from quality.wordnet_tasks import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamix_ds.study import python_docs, wordnet_tasks
-from adamix_ds.study.scoring import definition_scores, greedy_completions, most_likely_completions, supersense_accuracy
-from adamix_ds.study.wordnet import LEXICOGRAPHER_FILES, WORDNET_DIR, parse_line, read_synsets
+from quality import python_docs, wordnet_tasks
+from quality.scoring import definition_scores, greedy_completions, most_likely_completions, supersense_accuracy
+from quality.wordnet import LEXICOGRAPHER_FILES, WORDNET_DIR, parse_line, read_synsets
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = Path(sorted(glob.glob(python_docs.PYTHON_DOCS_GLOB) or ["/missing"])[-1])
@@ -247,7 +247,7 @@ def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
 
 
 def test_table_pairs_each_method_with_lora_seed_by_seed_and_chooses_on_dev():
-    from adamix_ds.study.runner import markdown_table
+    from quality.runner import markdown_table
 
     def stat(values):
         return {"mean": sum(values) / len(values), "values": values, "std": 0.0}
@@ -277,7 +277,7 @@ def test_a_failing_job_cancels_the_jobs_not_yet_started(monkeypatch):
     import threading
     from concurrent.futures import Future
 
-    from adamix_ds.study.runner import run_side_by_side
+    from quality.runner import run_side_by_side
 
     assert run_side_by_side(lambda item: item * 10, [3, 0, 2], workers=2) == [30, 0, 20]
 

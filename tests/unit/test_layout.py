@@ -18,7 +18,7 @@ LAYERS = [
     ("methods", ("adamix_ds.methods",)),
     ("export", ("adamix_ds.export",)),
     ("training", ("adamix_ds.training",)),
-    ("entry", ("adamix_ds.cli", "adamix_ds.study", "adamix_ds")),
+    ("entry", ("adamix_ds.cli", "adamix_ds")),
 ]
 """Bottom to top: a module may import its own layer and the layers below it, never one above."""
 

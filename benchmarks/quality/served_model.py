@@ -1,4 +1,5 @@
-"""Scoring one fine-tuned run as it would be served: `python -m adamix_ds.study.served_model --run_dir ...`.
+"""Scoring one fine-tuned run as it would be served: `python -m quality.served_model --run_dir ...`
+(with benchmarks/ on PYTHONPATH, as the runner starts it).
 
 Serving modes: `model` is the run's exported model directory (full fine-tuning, LoRA folded into the
 base, or a routed method's base + mixture); `merged` is AdaMix's averaged experts (folded for LoRA,
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ..arguments import ModelArguments
-from ..export.generation import GenerateArguments, load_for_generation
-from ..training.checkpoints import find_resume_checkpoint
+from adamix_ds.arguments import ModelArguments
+from adamix_ds.export.generation import GenerateArguments, load_for_generation
+from adamix_ds.training.checkpoints import find_resume_checkpoint
+
 from .scoring import score_split
 
 MODES = ("model", "merged", "random")

@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import METHODS
+from adamix_ds.config import METHODS
+
 from .presets import StudyMethod
 from .runner import Job, QualityStudy, paired_difference, run_side_by_side
 

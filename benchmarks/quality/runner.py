@@ -21,13 +21,16 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..distributed.collectives import free_port
-from ..training.initial_model import write_initial_model
+from adamix_ds.distributed.collectives import free_port
+from adamix_ds.training.initial_model import write_initial_model
+
 from . import pretraining, python_docs, wordnet_tasks
 from .presets import Preset, StudyMethod
 from .scoring import HEADLINE
 
 logger = logging.getLogger("adamix_ds.study")
+BENCHMARKS = Path(__file__).resolve().parent.parent
+"""benchmarks/, where the study's package lives (its scoring processes import it from there)."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ class QualityStudy:
         start = time.perf_counter()
         self._launch(options, out / "train.log", ranks=1, threads=p.threads_per_job)
         trained = time.perf_counter() - start
-        command = [sys.executable, "-m", "adamix_ds.study.served_model", "--run_dir", str(out), "--base", str(base),
+        command = [sys.executable, "-m", "quality.served_model", "--run_dir", str(out), "--base", str(base),
                    "--task", job.task, "--modes", ",".join(job.method.modes),
                    "--max_new_tokens", str(p.max_new_tokens[job.task]), "--batch_size", str(p.eval_batch),
                    "--split", f"dev={files['dev']}", "--split", f"test={files['test']}"]
@@ -185,7 +188,8 @@ class QualityStudy:
 
     def _run(self, command: list[str], log: Path, threads: int) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS), os.environ.get("PYTHONPATH")]))}
         if not self.gpu:
             env["DS_ACCELERATOR"] = "cpu"
         with open(log, "w") as handle:
