@@ -3,6 +3,7 @@
 python benchmarks/quality_study.py --preset cpu      # about an hour on 2 CPU cores
 python benchmarks/quality_study.py --preset gpu      # one GPU
 python benchmarks/quality_study.py --preset cpu --parts budget,experts,lowdata,routed,adapter   # the extension
+python benchmarks/quality_study.py --preset smollm2 --parts sweep,budget,supersense,routed,full   # SmolLM2-135M
 
 Pretrains a small Llama on the Python documentation (Debian's python3-doc), fine-tunes every method on
 two WordNet tasks (wordnet-base) for several seeds, and writes results.json and results.md under
@@ -19,6 +20,8 @@ from pathlib import Path
 from quality.parts import PARTS, SETTINGS, ExtendedStudy
 from quality.parts_report import markdown, plot_budget
 from quality.presets import METHODS, PRESETS
+from quality.real_model import REAL_PARTS, REAL_PRESETS, RealModelParts, RealModelStudy
+from quality.real_model import markdown as real_model_markdown
 from quality.runner import QualityStudy, run_study
 from quality.wordnet_tasks import TASKS
 
@@ -27,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS) + sorted(REAL_PRESETS), default="cpu",
+                        help="smollm2: the packaged SmolLM2-135M-Instruct as the base, no pretraining (its own parts).")
     parser.add_argument("--work_dir", type=Path, help="default: outputs/quality_study/PRESET")
     parser.add_argument("--data_dir", type=Path, default=Path("outputs/quality_study/data"),
                         help="Corpus, tokenizers and the WordNet splits, shared by presets.")
@@ -40,6 +44,8 @@ def main(argv=None) -> int:
                              f"parts on supersense: {', '.join(PARTS)}.")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
+    if args.preset in REAL_PRESETS:
+        return real_model_main(args, parts)
     unknown = sorted(set(parts) - {"base", *PARTS})
     if unknown or not parts:
         parser.error(f"--parts: unknown {unknown}; use base, {', '.join(PARTS)}")
@@ -78,6 +84,28 @@ def main(argv=None) -> int:
         if "budget" in results:
             logging.info("plot: %s", plot_budget(results["budget"], work_dir / "parts" / "budget.png"))
         print(report)
+    return 0
+
+
+def real_model_main(args, parts: list[str]) -> int:
+    """The SmolLM2 preset: its parts (real_model.py), results under WORK_DIR/parts/."""
+    if "base" in parts:
+        parts = list(REAL_PARTS)
+    unknown = sorted(set(parts) - set(REAL_PARTS))
+    if unknown:
+        raise SystemExit(f"--parts: unknown {unknown} for --preset {args.preset}; use {', '.join(REAL_PARTS)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    preset, settings = REAL_PRESETS[args.preset]
+    if args.seeds:
+        preset = dataclasses.replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    work_dir = args.work_dir or Path("outputs/quality_study") / args.preset
+    study = RealModelStudy(preset, [], work_dir, args.data_dir, REPO / "launch" / "train.py")
+    RealModelParts(study, settings).run(tuple(parts))
+    results = {part: json.loads((work_dir / "parts" / f"{part}.json").read_text()) for part in REAL_PARTS
+               if (work_dir / "parts" / f"{part}.json").is_file()}
+    report = real_model_markdown(results)
+    (work_dir / "parts" / "results.md").write_text(report)
+    print(report)
     return 0
 
 

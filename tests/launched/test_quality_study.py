@@ -305,3 +305,36 @@ def test_a_failing_job_cancels_the_jobs_not_yet_started(monkeypatch):
         run_side_by_side(job, items, workers=2)
     # Jobs 0 and 1 start together; at most the one a worker picked up before the cancel follows.
     assert sorted(started[:2]) == [0, 1] and len(started) <= 3
+
+
+@needs_wordnet
+def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model(smollm2_file, tmp_path):
+    """The real-model preset end to end on the packaged SmolLM2 (a few steps): the base is read from its GGUF once,
+    the sweep picks among its candidates on dev loss, the supersense part pairs AdaMix with LoRA seed by seed, and a
+    second invocation reuses every finished run."""
+    import hashlib
+
+    work = tmp_path / "work"
+    command = [sys.executable, str(REPO / "benchmarks" / "quality_study.py"), "--preset", "smollm2-smoke",
+               "--parts", "sweep,supersense", "--work_dir", str(work), "--data_dir", str(tmp_path / "data")]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    sweep = json.loads((work / "parts" / "sweep.json").read_text())
+    assert sweep["base"]["sha256"] == hashlib.sha256(smollm2_file.read_bytes()).hexdigest()
+    assert [r["method"] for r in sweep["rows"]] == ["lora(lr=0.0004)", "adamix-lora(lr=0.0004,cw=1,M=4)"]
+    assert sweep["chosen"]["adamix-lora"]["options"]["expert_init"] == "identical"
+    # LoRA r 4 on q (576 -> 576) and v (576 -> 192) in 30 layers, whatever the number of experts.
+    assert {r["served_parameters"] for r in sweep["rows"]} == {4 * (576 + 576 + 576 + 192) * 30}
+    supersense = json.loads((work / "parts" / "supersense.json").read_text())
+    lora, adamix = supersense["rows"]
+    assert lora["seeds"] == adamix["seeds"] == [0, 1]
+    differences = [a - b for a, b in zip(adamix["test/accuracy"]["values"], lora["test/accuracy"]["values"])]
+    assert supersense["difference"]["values"] == pytest.approx(differences)
+    assert "| lora(lr=0.0004) | supersense |" in (work / "parts" / "results.md").read_text()
+
+    logs = {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("train.log")}
+    assert len(logs) == 6
+    again = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("train.log")} == logs
