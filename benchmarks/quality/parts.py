@@ -79,6 +79,8 @@ def _name(label: str, options: dict) -> str:
 class ExtendedStudy:
     """The parts, on a QualityStudy whose data and pretrained base they share."""
 
+    parts = PARTS
+
     def __init__(self, study: QualityStudy, settings: PartSettings, lora_rank: int) -> None:
         self.study, self.settings, self.rank = study, settings, lora_rank
         self.seeds = study.preset.seeds
@@ -87,9 +89,9 @@ class ExtendedStudy:
 
     # Running.
     def run(self, parts: tuple[str, ...]) -> dict:
-        unknown = sorted(set(parts) - set(PARTS))
+        unknown = sorted(set(parts) - set(self.parts))
         if unknown:
-            raise ValueError(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
+            raise ValueError(f"unknown parts {unknown}; known: {', '.join(self.parts)}")
         self.study.prepare_data()
         self.base = self.study.pretrain()
         results = {}
@@ -97,10 +99,16 @@ class ExtendedStudy:
             started = time.perf_counter()
             result = getattr(self, f"part_{part}")()
             result["seconds"] = time.perf_counter() - started
+            result.update(self.provenance())
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / f"{part}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
             results[part] = result
         return results
+
+    def provenance(self) -> dict:
+        """What each part's results record about where they came from, beside the runs (none here: the base is
+        pretrained by the study itself)."""
+        return {}
 
     def _run(self, jobs: list[Job]) -> None:
         run_side_by_side(lambda job: self.study.run_job(job, self.base), jobs, self.study.preset.parallel_jobs)

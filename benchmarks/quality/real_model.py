@@ -30,9 +30,9 @@ from adamix_ds.builtin_models import SMOLLM2
 from adamix_ds.model_source import packaged_model_file
 
 from . import wordnet_tasks
-from .parts import REFERENCE_REGULARISERS, dev_loss_curve
+from .parts import REFERENCE_REGULARISERS, ExtendedStudy, dev_loss_curve
 from .presets import Preset, StudyMethod
-from .runner import Job, QualityStudy, paired_difference, run_side_by_side
+from .runner import Job, QualityStudy, paired_difference
 
 REAL_PARTS = ("sweep", "budget", "supersense", "routed", "full")
 
@@ -109,30 +109,18 @@ def base_digest() -> dict:
     return {"name": SMOLLM2, "file": file.name, "bytes": file.stat().st_size, "sha256": digest.hexdigest()}
 
 
-class RealModelParts:
-    def __init__(self, study: RealModelStudy, settings: RealModelSettings) -> None:
-        self.study, self.s = study, settings
-        self.seeds = study.preset.seeds
-        self.batch = study.preset.finetune_batch
-        self.out = study.work_dir / "parts"
-        self._sweep: dict | None = None
+class RealModelParts(ExtendedStudy):
+    """The real-model preset's parts; running, resuming and writing each part's JSON as the extension does."""
 
-    def run(self, parts: tuple[str, ...]) -> dict:
-        unknown = sorted(set(parts) - set(REAL_PARTS))
-        if unknown:
-            raise ValueError(f"unknown parts {unknown}; known: {', '.join(REAL_PARTS)}")
-        self.study.prepare_data()
-        self.base = self.study.pretrain()
-        results = {}
-        for part in parts:
-            started = time.perf_counter()
-            result = getattr(self, f"part_{part}")()
-            result["seconds"] = time.perf_counter() - started
-            result["base"] = base_digest()
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / f"{part}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-            results[part] = result
-        return results
+    parts = REAL_PARTS
+
+    def __init__(self, study: RealModelStudy, settings: RealModelSettings) -> None:
+        super().__init__(study, settings, settings.lora_r)
+        self.s = settings
+        self.batch = study.preset.finetune_batch
+
+    def provenance(self) -> dict:
+        return {"base": base_digest()}
 
     # Methods.
     def lora(self, rate: float) -> StudyMethod:
@@ -152,13 +140,14 @@ class RealModelParts:
     def middle_steps(self) -> int:
         return _steps(self.s.lora_epochs[len(self.s.lora_epochs) // 2], self.s.full_train, self.batch)
 
-    def _run(self, jobs: list[Job]) -> list[dict]:
-        run_side_by_side(lambda job: self.study.run_job(job, self.base), jobs, self.study.preset.parallel_jobs)
+    def _rows(self, jobs: list[Job]) -> list[dict]:
+        """Each job's row (one seed each), running those not yet run."""
+        self._run(jobs)
         return [self.study.rows([job])[0] for job in jobs]
 
     def _seeds(self, method: StudyMethod, task: str = "definition", **job) -> list[dict]:
         jobs = [Job(task, method, seed, **job) for seed in self.seeds]
-        run_side_by_side(lambda j: self.study.run_job(j, self.base), jobs, self.study.preset.parallel_jobs)
+        self._run(jobs)
         return self.study.rows(jobs)
 
     # Parts.
@@ -171,12 +160,12 @@ class RealModelParts:
                    **{name: [self.moa(name, r) for r in rates] for name in self.s.moa}}
         rows, chosen = [], {}
         for label, methods in ladders.items():
-            found = self._run([Job("definition", m, seed, steps=steps) for m in methods])
+            found = self._rows([Job("definition", m, seed, steps=steps) for m in methods])
             rows += found
             chosen[label] = methods[min(range(len(found)), key=lambda i: found[i]["dev_loss"]["mean"])]
         rate = chosen["adamix-lora"].options["learning_rate"]
         weights = [self.adamix(rate, w) for w in self.s.consistency_weights]
-        found = self._run([Job("definition", m, seed, steps=steps) for m in weights])
+        found = self._rows([Job("definition", m, seed, steps=steps) for m in weights])
         rows += [r for r in found if r["method"] not in {row["method"] for row in rows}]
         chosen["adamix-lora"] = weights[min(range(len(found)), key=lambda i: found[i]["dev_loss"]["mean"])]
         self._sweep = {"steps": steps, "chosen": chosen, "rows": rows}
@@ -229,7 +218,7 @@ class RealModelParts:
         method = StudyMethod(f"full(lr={self.s.learning_rates[0]:g})",
                              {"method": "full", "learning_rate": self.s.learning_rates[0]})
         job = Job("definition", method, self.seeds[0], steps=steps)
-        return {"steps": steps, "rows": self._run([job])}
+        return {"steps": steps, "rows": self._rows([job])}
 
 
 def comparisons(rows: list[dict], metric: str = "test/rougeL") -> dict:
