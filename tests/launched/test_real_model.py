@@ -68,5 +68,11 @@ def test_smollm2_by_name_on_two_zero3_ranks_exports_what_transformers_and_peft_l
                                                              prompt=[question], max_new_tokens=8))
     prompt = gguf_tokenizer(CHATML_PROMPT.format(question), add_special_tokens=False, return_tensors="pt")["input_ids"]
     greedy = merged.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=gguf_tokenizer.eos_token_id)
-    assert rows == [{"prompt": question, "completion": gguf_tokenizer.decode(greedy[0, prompt.shape[1]:],
-                                                                             skip_special_tokens=True)}]
+    expected = [{"prompt": question, "completion": gguf_tokenizer.decode(greedy[0, prompt.shape[1]:],
+                                                                        skip_special_tokens=True)}]
+    assert rows == expected
+    # The mixture checkpoint on the GGUF base, routed as merged, generates what the merged export does.
+    checkpoint = out / "checkpoints" / "step-3"
+    rows = generate_main(ModelArguments(model_name_or_path=SMOLLM2),
+                         GenerateArguments(model_path=str(checkpoint), chat=True, prompt=[question], max_new_tokens=8))
+    assert rows == expected

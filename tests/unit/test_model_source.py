@@ -141,3 +141,24 @@ def test_chat_masks_on_the_real_template_cover_assistant_turns_only(smollm2):
         assert unlabelled.count("<|im_start|>assistant\n") == len(answers)
         if messages[0]["role"] != "system":
             assert unlabelled.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_quantization_bit_on_a_gguf_source_quantizes_the_dequantized_weights(smollm2):
+    """--quantization_bit 8 on the packaged GGUF: bitsandbytes layers in place of every linear of the decoder, each
+    within about half an 8-bit step (its row's absolute maximum / 127; LLM.int8 takes the row and its scale in fp16,
+    which moves a few values up to 0.53 of a step here) of the weight transformers read from the GGUF; a wrong
+    weight would be off by many steps."""
+    from adamix_ds.distributed.quantized_weights import dequantized_weight, quantized_linears
+    from adamix_ds.distributed.sharded_base import load_base
+
+    reference, _ = smollm2
+    config = {"bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}
+    base = load_base(ModelArguments(model_name_or_path=SMOLLM2, quantization_bit=8), config, vocab_size=49152, seed=0)
+    layers = quantized_linears(base.model)
+    assert len(layers) == 30 * 7
+    expected = dict(reference.named_modules())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.17.mlp.down_proj", "model.layers.29.self_attn.v_proj"):
+        weight = expected[name].weight
+        step = weight.abs().amax(dim=1, keepdim=True) / 127
+        error = (dequantized_weight(layers[f"{name}.weight"], torch.float32) - weight).abs()
+        assert (error <= 0.55 * step).all() and (error <= step / 2).float().mean() > 0.99, name
