@@ -36,7 +36,7 @@ from ..methods.accounting import ParameterCount
 from . import preflight
 from .checkpoints import TrainerState, find_resume_checkpoint, read_trainer_state, save_checkpoint, what_survives
 from .monitoring import Monitor, peak_memory_gb
-from .termination import TerminationRequest, TrainingInterrupted
+from .termination import StopRequested, TerminationRequest, TrainingInterrupted
 
 logger = logging.getLogger("adamix_ds")
 
@@ -272,7 +272,8 @@ class Trainer:
                 self._log(self.evaluate())
             if args.save_steps > 0 and self.step % args.save_steps == 0 and self.step < self.total_steps:
                 self.save()
-        final = self.evaluate()
+        skipped: list[str] = []
+        final = self._unless_stopped("the final evaluation", self.evaluate, skipped) or {}
         if final:
             self._log(final)
         self.verify()
@@ -284,14 +285,32 @@ class Trainer:
         except StorageError as error:
             raise StorageError(f"{error}; {what_survives(self.output_dir)}; free space, then "
                                f"{self.rerun_export()}") from None
-        samples = self.write_samples()
-        slots = self.score_slots()
+        samples = self._unless_stopped("the samples", self.write_samples, skipped) or []
+        slots = self._unless_stopped("the slot accuracy", self.score_slots, skipped) or {}
         summary = {"final_step": self.step, "final_eval": final, "merged": merged, "samples": samples,
-                   "parameters": self.parameter_count.to_dict(), **({"slot_accuracy": slots} if slots else {})}
+                   "parameters": self.parameter_count.to_dict(), **({"slot_accuracy": slots} if slots else {}),
+                   **({"skipped": skipped} if skipped else {})}
         self._write_run_json(summary)
         self.close()
+        if skipped:
+            raise TrainingInterrupted(f"stopped by {self.termination.cause} after the last step; the checkpoint "
+                                      f"and the export are written under {self.output_dir}; skipped: "
+                                      f"{', '.join(skipped)}")
         self._report_outputs(merged, final, slots)
         return summary
+
+    def _unless_stopped(self, what: str, work, skipped: list[str]):
+        """work() unless a stop was requested before or during it (then None, and `what` joins `skipped`): after the
+        last step, a SIGTERM ends evaluation and generation between two forwards instead of after minutes of them."""
+        if not skipped:
+            try:
+                with self.termination.checked_before_each_forward(getattr(self.model, "base_model", self.model)):
+                    return work()
+            except StopRequested:
+                self.base.release_gathered()  # a forward was cut short: its prefetched weights go back
+                logger.warning("stopped by %s during %s", self.termination.cause, what)
+        skipped.append(what)
+        return None
 
     def write_samples(self) -> list[dict]:
         """Greedy generations for the first --num_samples held-out prompts (every rank generates together)."""

@@ -1,6 +1,7 @@
 """A stop signal to the one process the user started (what `kill <pid>`, `docker stop` and Kubernetes send), for
 each launcher: the ranks finish the step, save a complete checkpoint and end; none trains on as an orphan."""
 
+import json
 import os
 import shutil
 import signal
@@ -159,3 +160,41 @@ def test_srun_kills_its_tasks_on_sigterm_and_scancel_signal_term_stops_them_grac
     output = (tmp_path / "log2").read_text(errors="replace")
     assert srun.returncode == 143, output[-4000:]
     assert output.count("stopped by SIGTERM after step") == 2, output[-4000:]
+
+
+def test_sigterm_during_the_final_scoring_ends_the_job_within_10_s_after_the_export(tmp_path):
+    """After the last step the scoring generates for minutes; a SIGTERM to one rank then stops both ranks between
+    two forwards (the other rank learns it from the agreement): exit 143 within 10 s, the checkpoint and the export
+    already written, and the log and run.json say what was skipped."""
+    out = tmp_path / "run"
+    log = tmp_path / "log"
+    args = ["--model_name_or_path", "tiny:llama", "--max_steps", "2", "--max_seq_length", "48",
+            "--per_device_train_batch_size", "2", "--eval_steps", "0", "--save_steps", "0", "--num_samples", "1",
+            "--sample_max_new_tokens", "60", "--slot_accuracy", "--per_device_eval_batch_size", "1",
+            "--output_dir", str(out)]
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
+               *args]
+    with open(log, "w") as handle:
+        launcher = subprocess.Popen(command, cwd=REPO, env=cpu_env(), stdout=handle, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "INFO sample:" not in log.read_text(errors="replace"):  # the samples are written: scoring begins
+            assert launcher.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-4000:]
+            time.sleep(0.2)
+        rank_1 = [pid for pid in _ranks_of(out) if "--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(rank_1) == 1
+        os.kill(rank_1[0], signal.SIGTERM)
+        signalled = time.time()
+        launcher.wait(timeout=120)
+        took = time.time() - signalled
+    finally:
+        _end_session(launcher)
+    output = log.read_text(errors="replace")
+    assert launcher.returncode == 143, output[-4000:]
+    assert took < 10, f"{took:.1f} s\n{output[-4000:]}"
+    assert "stopped by SIGTERM during the slot accuracy" in output
+    assert output.count("skipped: the slot accuracy") == 2, output[-4000:]
+    assert (out / "checkpoints" / "step-2" / "COMPLETE").is_file()
+    assert (out / "merged" / "model" / "config.json").is_file() and (out / "samples.jsonl").is_file()
+    assert json.loads((out / "run.json").read_text())["skipped"] == ["the slot accuracy"]
