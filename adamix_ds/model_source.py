@@ -11,6 +11,7 @@ model in the run's dtype. GGUF holds tensors and metadata only, no pickle, so it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -57,12 +58,8 @@ class ModelSource:
             except ValueError as error:
                 raise ConfigError(f"--model_name_or_path: {error}") from None
         if self.is_gguf:
-            check_gguf_contents(self.gguf_path)
-            try:
+            with self.reading_gguf():
                 config = AutoConfig.from_pretrained(self.location, **self.pretrained_options())
-            except (ValueError, KeyError) as error:
-                raise ConfigError(f"--model_name_or_path {self.gguf_path}: transformers cannot read this GGUF "
-                                  f"model ({error})") from None
             drop_gguf_marker(config)
             return config
         return AutoConfig.from_pretrained(self.location, trust_remote_code=trust_remote_code)
@@ -72,22 +69,35 @@ class ModelSource:
         without the marker that stops transformers from saving it (its weights are ordinary tensors once read)."""
         from transformers import AutoModelForCausalLM
 
-        if self.is_gguf:
-            options.pop("use_safetensors", None)  # the weights are in the GGUF file, which holds no pickle
         if dtype is not None:
             options["dtype"] = dtype
-        model = AutoModelForCausalLM.from_pretrained(self.location, **self.pretrained_options(), **options)
-        if self.is_gguf:
-            drop_gguf_marker(model.config)
-            model.hf_quantizer = None
+        if not self.is_gguf:
+            return AutoModelForCausalLM.from_pretrained(self.location, **options)
+        options.pop("use_safetensors", None)  # the weights are in the GGUF file, which holds no pickle
+        with self.reading_gguf():
+            model = AutoModelForCausalLM.from_pretrained(self.location, **self.pretrained_options(), **options)
+        drop_gguf_marker(model.config)
+        model.hf_quantizer = None
         return model
 
     def load_tokenizer(self, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
 
-        if self.is_gguf:
+        if not self.is_gguf:
+            return AutoTokenizer.from_pretrained(self.location, trust_remote_code=trust_remote_code)
+        with self.reading_gguf():
             return AutoTokenizer.from_pretrained(self.location, **self.pretrained_options())
-        return AutoTokenizer.from_pretrained(self.location, trust_remote_code=trust_remote_code)
+
+    @contextlib.contextmanager
+    def reading_gguf(self):
+        """The file checked whole first; what transformers cannot read in it (an architecture it does not know, a
+        missing key) becomes one line instead of a traceback."""
+        check_gguf_contents(self.gguf_path)
+        try:
+            yield
+        except (ValueError, KeyError) as error:
+            raise ConfigError(f"--model_name_or_path {self.gguf_path}: transformers cannot read this GGUF model "
+                              f"({error})") from None
 
 
 def drop_gguf_marker(config) -> None:

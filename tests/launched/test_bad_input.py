@@ -44,3 +44,28 @@ def test_a_valid_file_of_the_same_kind_trains(tmp_path):
                            "--per_device_train_batch_size", "2", "--num_samples", "0", "--merge_at_end", "false"],
               ranks=2, timeout=180)
     assert (out / "checkpoints" / "step-1" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("architecture, cut, fault", [("llama", 1000, "a damaged or truncated GGUF file"),
+                                                     ("rwkv6", 0, "transformers cannot read this GGUF model")])
+def test_a_bad_gguf_model_stops_train_and_generate_with_one_line(tmp_path, architecture, cut, fault):
+    """A GGUF download cut short, or of an architecture transformers cannot read: train.py and generate.py each end
+    with one line and exit code 2, no traceback."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "model.Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_tensor("token_embd.weight", np.ones((64, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) - cut])
+    for script, args in (("train.py", ["--output_dir", str(tmp_path / "out"), "--max_steps", "1"]),
+                         ("generate.py", ["--model_path", str(path), "--prompt", "hello"])):
+        proc = run_entry(script, ["--model_name_or_path", str(path), *args], check=False, timeout=120)
+        output = proc.stdout + proc.stderr
+        errors = [line for line in output.splitlines() if "adamix_ds: error:" in line]
+        assert proc.returncode == 2 and len(errors) == 1, output[-3000:]
+        assert f"{path}: {fault}" in errors[0] and "Traceback" not in output, errors
