@@ -22,6 +22,7 @@ from quality.parts_report import markdown, plot_budget
 from quality.presets import METHODS, PRESETS
 from quality.real_model import REAL_PARTS, REAL_PRESETS, RealModelParts, RealModelStudy
 from quality.real_model import markdown as real_model_markdown
+from quality.real_model import plot_budget as plot_real_model_budget
 from quality.runner import QualityStudy, run_study
 from quality.wordnet_tasks import TASKS
 
@@ -105,6 +106,8 @@ def real_model_main(args, parts: list[str]) -> int:
                if (work_dir / "parts" / f"{part}.json").is_file()}
     report = real_model_markdown(results)
     (work_dir / "parts" / "results.md").write_text(report)
+    if "budget" in results:
+        logging.info("plot: %s", plot_real_model_budget(results["budget"], work_dir / "parts" / "budget.png"))
     print(report)
     return 0
 

@@ -288,3 +288,35 @@ def markdown(results: dict) -> str:
                       f"{best['lora_steps']}, AdaMix {best['adamix_steps']} steps) "
                       f"{best['difference']['mean']:+.2f} ± {best['difference']['std']:.2f}.", ""]
     return "\n".join(lines) + "\n"
+
+
+def plot_budget(result: dict, path: Path) -> Path:
+    """Dev loss and dev ROUGE-L (mean ± standard deviation over seeds) against training steps, LoRA and AdaMix, one
+    panel pair per training-set size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    sizes = sorted({r["size"] for r in result["rows"]})
+    figure, axes = plt.subplots(len(sizes), 2, figsize=(10, 3.6 * len(sizes)), squeeze=False)
+    for row_axes, size in zip(axes, sizes):
+        series: dict[str, list] = {}
+        for row in result["rows"]:
+            if row["size"] == size:
+                series.setdefault(row["method"], []).append(row)
+        for axis, key, label in zip(row_axes, ("dev_loss", "dev/rougeL"), ("dev loss", "dev ROUGE-L")):
+            for method, rows in series.items():
+                rows = sorted(rows, key=lambda r: r["steps"])
+                axis.errorbar([r["steps"] for r in rows], [r[key]["mean"] for r in rows],
+                              yerr=[r[key]["std"] for r in rows], marker="o", capsize=3, label=method)
+            axis.set_xscale("log")
+            axis.set_xlabel(f"steps ({size} training set)")
+            axis.set_ylabel(label)
+        row_axes[0].legend(fontsize=7)
+    figure.suptitle("SmolLM2-135M-Instruct, WordNet definitions: LoRA and AdaMix-LoRA against budget")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
