@@ -10,8 +10,11 @@ forward and in backward. The mixtures hook onto the base's modules from outside.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +27,7 @@ from ..config import ConfigError
 from .ds_config import AUTO, LAYER_SIZED, resolve_layer_sized
 from .host_memory import return_freed_memory
 from .quantized_weights import detach_from_checkpoint, keep_storage_layout, quantized_linears
+from .sharded import full_numel, gathered
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,24 @@ class ShardedBase:
     def partitioned(self) -> bool:
         return self.stage == 3
 
+    @contextlib.contextmanager
+    def whole(self) -> Iterator[PreTrainedModel]:
+        """The base to generate with. Partitioned, ZeRO-3's coordinator gathers every layer again for each new
+        token; where a whole copy fits this rank's free memory (with half of it to spare), each weight is gathered
+        once into a plain copy for the whole generation instead. Otherwise (replicated, quantized, or too large)
+        the model itself."""
+        if not self.partitioned or quantized_linears(self.model) or not whole_copy_fits(self.model, self.device):
+            yield self.model
+            return
+        self.release_gathered()
+        replica = whole_copy(self.model, self.device)
+        try:
+            yield replica
+        finally:
+            del replica
+            if self.device.type == "cpu":
+                return_freed_memory()
+
     def release_gathered(self) -> None:
         """Wait for the coordinator's prefetches and partition every weight it holds gathered. Needed before
         weights are gathered outside a forward (the export): the prefetch that follows a forward's trace into the
@@ -48,6 +70,42 @@ class ShardedBase:
         for item in self._keepalive:
             if hasattr(item, "empty_partition_cache"):
                 item.empty_partition_cache()
+
+
+def whole_copy_fits(model: torch.nn.Module, device: torch.device) -> bool:
+    """A whole copy of `model` takes at most half of this rank's free memory (the device's, or the host's on a
+    CPU)."""
+    need = sum(full_numel(p) * p.element_size() for p in model.parameters())
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return 2 * need <= free
+
+
+@torch.no_grad()
+def whole_copy(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """A plain (unpartitioned) copy of a ZeRO-3 model, in eval mode: each module's weights gathered once (one
+    all-gather per module, every rank together), buffers copied as they are. Tied weights stay tied."""
+    with torch.device("meta"):
+        replica = type(model)(copy.deepcopy(model.config))
+    replica.to_empty(device=device)
+    sources = dict(model.named_modules())
+    for name, module in replica.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        source = dict(sources[name].named_parameters(recurse=False))
+        with gathered(source.values()):
+            for key, param in own.items():
+                param.copy_(source[key].data)
+    source_buffers = dict(model.named_buffers())
+    for name, buffer in replica.named_buffers():
+        buffer.copy_(source_buffers[name])
+    replica.generation_config = model.generation_config
+    return replica.eval().requires_grad_(False)
 
 
 def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int,

@@ -136,7 +136,11 @@ class ReplicatedTrainer(Trainer):
         try:
             yield
         finally:
-            self.mixtures.attach(self.model)
+            self.mixtures.attach(self.generating_on)
+
+    def attach_mixtures(self, model) -> None:
+        self.mixtures.detach()
+        self.mixtures.attach(model)
 
     def write_checkpoint(self, directory: Path) -> dict:
         return write_replicated_state(directory, self.mixtures, self.optimizer, self.scheduler)

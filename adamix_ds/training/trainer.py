@@ -94,6 +94,8 @@ class Trainer:
         self.model = self.base.model
         if args.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
+        self.generating_on = self.model
+        """Where the mixtures are attached: the base, or the whole copy that the samples and scoring use."""
         self.step = 0
         self.resumed_step: int | None = None
         self.history: list[dict] = []
@@ -187,6 +189,26 @@ class Trainer:
         """Within the block the model serves as `mode` (one of served_modes()) for a batch of eval-set `rows`."""
         yield
 
+    def attach_mixtures(self, model) -> None:
+        """Move what is trained beside the base (the mixtures' hooks) onto `model`; nothing for --method full."""
+
+    @contextlib.contextmanager
+    def generation_model(self):
+        """The model the samples and the scoring generate with: under ZeRO-3 a whole copy gathered once where it fits
+        (ShardedBase.whole), the mixtures moved onto it for the block; a stop is checked before its forwards too."""
+        with self.base.whole() as model:
+            if model is self.model:
+                yield model
+                return
+            self.generating_on = model
+            self.attach_mixtures(model)
+            try:
+                with self.termination.checked_before_each_forward(getattr(model, "base_model", model)):
+                    yield model
+            finally:
+                self.generating_on = self.model
+                self.attach_mixtures(self.model)
+
     def served_modes(self) -> list[str]:
         """What the end-of-run slot accuracy compares: each eval mode (methods with a base to compare add it)."""
         return self.eval_mode_names()
@@ -207,17 +229,18 @@ class Trainer:
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         self.model.eval()
         scores = {}
-        for mode in self.served_modes():
-            outputs = {}
-            for rows in batches:
-                keys = rows or [0]  # a rank out of rows decodes one prompt and drops it
-                with self.serving(mode, keys):
-                    decoded = complete_batch(self.model, self.tokenizer, [prompts[i] for i in keys], config,
-                                             synced=distributed.world_size() > 1)
-                outputs.update(zip(rows, decoded))
-            for part in distributed.all_gather_objects(outputs):
-                outputs.update(part)
-            scores[mode] = slot_accuracy(texts, [outputs[i] for i in range(len(prompts))])
+        with self.generation_model() as model:
+            for mode in self.served_modes():
+                outputs = {}
+                for rows in batches:
+                    keys = rows or [0]  # a rank out of rows decodes one prompt and drops it
+                    with self.serving(mode, keys):
+                        decoded = complete_batch(model, self.tokenizer, [prompts[i] for i in keys], config,
+                                                 synced=distributed.world_size() > 1)
+                    outputs.update(zip(rows, decoded))
+                for part in distributed.all_gather_objects(outputs):
+                    outputs.update(part)
+                scores[mode] = slot_accuracy(texts, [outputs[i] for i in range(len(prompts))])
         logger.info("slot accuracy on %d held-out inputs: %s", len(prompts),
                     ", ".join(f"{mode} {score:.1f}%" for mode, score in scores.items()))
         return scores
@@ -320,8 +343,8 @@ class Trainer:
         rows = [prompt_of(self.eval_data[i]) for i in range(min(self.args.num_samples, len(self.eval_data)))]
         config = GenerationConfig(max_new_tokens=self.args.sample_max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        texts = complete(self.model, self.tokenizer, [p for p, _ in rows], config,
-                         synced=distributed.world_size() > 1)
+        with self.generation_model() as model:
+            texts = complete(model, self.tokenizer, [p for p, _ in rows], config, synced=distributed.world_size() > 1)
         decode = self.tokenizer.decode
         samples = [{"prompt": decode(p, skip_special_tokens=True), "reference": decode(r, skip_special_tokens=True),
                     "generated": text} for (p, r), text in zip(rows, texts)]

@@ -58,6 +58,12 @@ def test_smollm2_by_name_on_two_zero3_ranks_exports_what_transformers_and_peft_l
     saved = AutoTokenizer.from_pretrained(out / "merged" / "model")
     assert saved.chat_template == gguf_tokenizer.chat_template and saved.eos_token == "<|im_end|>"
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    # The sample, generated on 2 ZeRO-3 ranks from a whole copy of the base with the mixtures' hooks on it, is what
+    # transformers' greedy generate gives on the merged export in one process.
+    first = json.loads(chat_rows("validation", 1))["messages"][0]["content"]
+    prompt = gguf_tokenizer(CHATML_PROMPT.format(first), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    greedy = merged.generate(prompt, max_new_tokens=3, do_sample=False, eos_token_id=gguf_tokenizer.eos_token_id)
+    assert sample["generated"] == gguf_tokenizer.decode(greedy[0, prompt.shape[1]:], skip_special_tokens=True)
     assert sample["prompt"].startswith("system\nYou are a helpful AI assistant named SmolLM")
     assert sample["prompt"].endswith("Describe this restaurant: name[The Twenty Two], eatType[pub], food[Italian], "
                                      "priceRange[less than £20], customer rating[3 out of 5], area[city centre], "
