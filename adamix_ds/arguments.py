@@ -7,6 +7,7 @@ only a value given in both places that disagrees is an error (see ds_config.reso
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -267,5 +268,11 @@ def parse_arguments(argv: list[str] | None = None):
                                     or "consistency_weight" not in method.train_options):
             values.pop("consistency_weight", None)  # the embedded default's AdaMix setting (two routes of M experts)
         parser.set_defaults(**values)
-    *dataclasses_, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    *dataclasses_, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        options = sorted(option for action in parser._actions for option in action.option_strings)
+        first = next((item for item in unknown if item.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(first.split("=", 1)[0], options, n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; `--help` lists every option"
+        raise ConfigError(f"unknown arguments {unknown}{hint}")
     return tuple(dataclasses_[: len(ARGUMENT_CLASSES)])

@@ -97,7 +97,8 @@ def test_a_requeued_job_saves_on_the_signal_and_continues_from_auto(tmp_path):
         state = wait_for(lambda: _ended(env, job), 240, "the requeued job's end",
                          lambda: log.read_text(errors="replace")[-4000:])
     output = log.read_text(errors="replace")
-    assert "JobState=COMPLETED" in state, output[-4000:]
+    ended = re.search(r"JobState=\S+ Reason=\S+", state)
+    assert "JobState=COMPLETED" in state, f"{ended.group(0) if ended else state[:800]}\n{output[-4000:]}"
     stopped = re.findall(r"stopped by SIGTERM after step (\d+);", output)
     assert len(stopped) == 2 and stopped[0] == stopped[1], output[-4000:]  # both ranks, the same step
     step = int(stopped[0])

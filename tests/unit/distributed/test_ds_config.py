@@ -206,3 +206,12 @@ def test_freed_host_buffers_go_back_to_the_system(tmp_path):
     kept = {mode: float(subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
                                        check=True, timeout=120).stdout.split()[-1]) for mode in ("glibc", "fixed")}
     assert kept["glibc"] > 12 and kept["fixed"] < 2, kept
+
+
+def test_an_unknown_option_is_one_line_naming_the_closest(tmp_path):
+    """A mistyped option stops with one line (HfArgumentParser's own error is a traceback on every rank)."""
+    with pytest.raises(ConfigError, match=re.escape("unknown arguments ['--max_eval_examples', '40']; did you mean "
+                                                    "--max_eval_samples?")):
+        parse_arguments(["--data_path", "x.jsonl", "--max_eval_examples", "40"])
+    with pytest.raises(ConfigError, match="`--help` lists every option"):
+        parse_arguments(["--data_path", "x.jsonl", "--zzz"])
