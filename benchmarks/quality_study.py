@@ -78,14 +78,20 @@ def main(argv=None) -> int:
                              docs_root=args.docs_root)
         lora_rank = next(m for m in METHODS[args.preset] if m.name == "lora").options["lora_r"]
         ExtendedStudy(study, SETTINGS[args.preset], lora_rank).run(extension)
-        results = {part: json.loads((work_dir / "parts" / f"{part}.json").read_text()) for part in PARTS
-                   if (work_dir / "parts" / f"{part}.json").is_file()}  # this run's parts and earlier ones
-        report = markdown(results)
-        (work_dir / "parts" / "results.md").write_text(report)
-        if "budget" in results:
-            logging.info("plot: %s", plot_budget(results["budget"], work_dir / "parts" / "budget.png"))
-        print(report)
+        report_parts(work_dir / "parts", PARTS, markdown, plot_budget)
     return 0
+
+
+def report_parts(directory: Path, parts: tuple[str, ...], markdown_of, plot_of) -> None:
+    """results.md from every part's JSON in `directory` (this run's parts and earlier ones), and budget.png where the
+    budget part has run; the report is printed."""
+    results = {part: json.loads((directory / f"{part}.json").read_text()) for part in parts
+               if (directory / f"{part}.json").is_file()}
+    report = markdown_of(results)
+    (directory / "results.md").write_text(report)
+    if "budget" in results:
+        logging.info("plot: %s", plot_of(results["budget"], directory / "budget.png"))
+    print(report)
 
 
 def real_model_main(args, parts: list[str]) -> int:
@@ -102,13 +108,7 @@ def real_model_main(args, parts: list[str]) -> int:
     work_dir = args.work_dir or Path("outputs/quality_study") / args.preset
     study = RealModelStudy(preset, [], work_dir, args.data_dir, REPO / "launch" / "train.py")
     RealModelParts(study, settings).run(tuple(parts))
-    results = {part: json.loads((work_dir / "parts" / f"{part}.json").read_text()) for part in REAL_PARTS
-               if (work_dir / "parts" / f"{part}.json").is_file()}
-    report = real_model_markdown(results)
-    (work_dir / "parts" / "results.md").write_text(report)
-    if "budget" in results:
-        logging.info("plot: %s", plot_real_model_budget(results["budget"], work_dir / "parts" / "budget.png"))
-    print(report)
+    report_parts(work_dir / "parts", REAL_PARTS, real_model_markdown, plot_real_model_budget)
     return 0
 
 
