@@ -95,7 +95,7 @@ class ModelSource:
         check_gguf_contents(self.gguf_path)
         try:
             yield
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, NotImplementedError) as error:
             raise ConfigError(f"--model_name_or_path {self.gguf_path}: transformers cannot read this GGUF model "
                               f"({error})") from None
 
@@ -122,7 +122,7 @@ def resolve_source(name: str) -> ModelSource:
     path = Path(name)
     if path.suffix.lower() == GGUF_SUFFIX or (path.is_file() and _starts_with_magic(path)):
         return _gguf_source(name, path)
-    if path.is_dir() and not (path / "config.json").is_file():
+    if path.is_dir() and not any(path.glob("*.safetensors")):  # a GGUF repository may hold a config.json too
         found = sorted(path.glob(f"*{GGUF_SUFFIX}"))
         if len(found) == 1:
             return _gguf_source(name, found[0])
@@ -161,7 +161,7 @@ def check_gguf_contents(file: Path) -> None:
 
     try:
         GGUFReader(file)
-    except (ValueError, IndexError, OSError) as error:
+    except (ValueError, IndexError, OSError, NotImplementedError) as error:
         raise ConfigError(f"--model_name_or_path {file}: a damaged or truncated GGUF file ({error})") from None
 
 

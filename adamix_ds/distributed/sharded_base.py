@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class ShardedBase:
     @contextlib.contextmanager
     def whole(self) -> Iterator[PreTrainedModel]:
         """The base to generate with. Partitioned, ZeRO-3's coordinator gathers every layer again for each new
-        token; where a whole copy fits this rank's free memory (with half of it to spare), each weight is gathered
+        token; where a whole copy fits every rank's free memory (with half of it to spare), each weight is gathered
         once into a plain copy for the whole generation instead. Otherwise (replicated, quantized, or too large)
         the model itself."""
         if not self.partitioned or quantized_linears(self.model) or not whole_copy_fits(self.model, self.device):
@@ -73,39 +74,41 @@ class ShardedBase:
 
 
 def whole_copy_fits(model: torch.nn.Module, device: torch.device) -> bool:
-    """A whole copy of `model` takes at most half of this rank's free memory (the device's, or the host's on a
-    CPU)."""
+    """Every rank agrees (collective) that a whole copy of `model` takes at most half of its free memory: the
+    device's, or on a CPU its share of the host's (the ranks on one host each make a copy)."""
     need = sum(full_numel(p) * p.element_size() for p in model.parameters())
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         import psutil
 
-        free = psutil.virtual_memory().available
-    return 2 * need <= free
+        host = socket.gethostname()
+        free = psutil.virtual_memory().available / distributed.all_gather_objects(host).count(host)
+    short = torch.tensor([0.0 if 2 * need <= free else 1.0], dtype=torch.float64)
+    return distributed.all_reduce_sum(short).item() == 0
 
 
 @torch.no_grad()
 def whole_copy(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
-    """A plain (unpartitioned) copy of a ZeRO-3 model, in eval mode: each module's weights gathered once (one
-    all-gather per module, every rank together), buffers copied as they are. Tied weights stay tied."""
+    """A plain (unpartitioned) copy of a ZeRO-3 model in eval mode, each weight in its own dtype: each module's
+    weights gathered once (one all-gather per module, every rank together), buffers copied as they are, tied weights
+    tied again."""
     with torch.device("meta"):
         replica = type(model)(copy.deepcopy(model.config))
-    replica.to_empty(device=device)
     sources = dict(model.named_modules())
     for name, module in replica.named_modules():
-        own = dict(module.named_parameters(recurse=False))
-        if not own:
-            continue
-        source = dict(sources[name].named_parameters(recurse=False))
-        with gathered(source.values()):
-            for key, param in own.items():
-                param.copy_(source[key].data)
-    source_buffers = dict(model.named_buffers())
-    for name, buffer in replica.named_buffers():
-        buffer.copy_(source_buffers[name])
+        source = sources[name]
+        own = dict(source.named_parameters(recurse=False))
+        if own:
+            with gathered(own.values()):
+                for key, param in own.items():
+                    module._parameters[key] = torch.nn.Parameter(param.data.to(device, copy=True),
+                                                                 requires_grad=False)
+        for key, buffer in source.named_buffers(recurse=False):
+            module._buffers[key] = buffer.to(device, copy=True)
+    replica.tie_weights()
     replica.generation_config = model.generation_config
-    return replica.eval().requires_grad_(False)
+    return replica.eval()
 
 
 def _from_source(model_args: ModelArguments, dtype: torch.dtype, vocab_size: int,

@@ -50,6 +50,7 @@ def test_a_bad_gguf_file_is_refused_in_one_line_before_loading(tmp_path, make, f
 
 def test_a_folder_with_one_gguf_file_reads_it_and_with_two_asks_which(tmp_path):
     write_gguf(tmp_path / "a.Q4_0.gguf")
+    (tmp_path / "config.json").write_text("{}")  # GGUF repositories may ship one beside the file
     source = resolve_source(str(tmp_path))
     assert (source.location, source.gguf_file) == (str(tmp_path), "a.Q4_0.gguf")
     write_gguf(tmp_path / "b.Q8_0.gguf")
