@@ -30,7 +30,6 @@ class ModelSource:
     """Where a base model comes from. `location` is what from_pretrained is given (a directory or a hub name; a
     built-in's name); `gguf_file` names the GGUF file inside that directory."""
 
-    name: str
     location: str
     gguf_file: str | None = None
     builtin: bool = False
@@ -116,31 +115,31 @@ def _quant_method(marker) -> str:
 def resolve_source(name: str) -> ModelSource:
     """The source a --model_name_or_path names; a bad GGUF choice is refused here in one line."""
     if is_builtin(name):
-        return ModelSource(name=name, location=name, builtin=True)
+        return ModelSource(location=name, builtin=True)
     if name in PACKAGED_MODELS:
-        return _gguf_source(name, packaged_model_file(name))
+        return _gguf_source(packaged_model_file(name))
     path = Path(name)
     if path.suffix.lower() == GGUF_SUFFIX or (path.is_file() and _starts_with_magic(path)):
-        return _gguf_source(name, path)
+        return _gguf_source(path)
     if path.is_dir() and not any(path.glob("*.safetensors")):  # a GGUF repository may hold a config.json too
         found = sorted(path.glob(f"*{GGUF_SUFFIX}"))
         if len(found) == 1:
-            return _gguf_source(name, found[0])
+            return _gguf_source(found[0])
         if len(found) > 1:
             listed = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
             raise ConfigError(f"--model_name_or_path {name}: {len(found)} GGUF files ({listed}) and no choice "
                               f"made; name one, e.g. --model_name_or_path {found[0]}")
-    return ModelSource(name=name, location=name)
+    return ModelSource(location=name)
 
 
-def _gguf_source(name: str, file: Path) -> ModelSource:
+def _gguf_source(file: Path) -> ModelSource:
     if not file.is_file():
         raise ConfigError(f"--model_name_or_path {file}: file not found")
     if not _starts_with_magic(file):
         raise ConfigError(f"--model_name_or_path {file}: not a GGUF file (it does not start with the GGUF magic "
                           "bytes)")
     require_gguf_reader()
-    return ModelSource(name=name, location=str(file.parent), gguf_file=file.name)
+    return ModelSource(location=str(file.parent), gguf_file=file.name)
 
 
 def _starts_with_magic(file: Path) -> bool:

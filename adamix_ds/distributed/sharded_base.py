@@ -56,13 +56,7 @@ class ShardedBase:
             yield self.model
             return
         self.release_gathered()
-        replica = whole_copy(self.model, self.device)
-        try:
-            yield replica
-        finally:
-            del replica
-            if self.device.type == "cpu":
-                return_freed_memory()
+        yield whole_copy(self.model, self.device)
 
     def release_gathered(self) -> None:
         """Wait for the coordinator's prefetches and partition every weight it holds gathered. Needed before

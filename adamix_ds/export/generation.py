@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,7 @@ def load_for_generation(model_args: ModelArguments, args: GenerateArguments):
         mixtures = load_mixtures(model, path)
         mixtures.set_eval_mode(args.eval_mode)
     else:
-        base = ModelArguments(**{**vars(model_args), "model_name_or_path": args.model_path})
+        base = dataclasses.replace(model_args, model_name_or_path=args.model_path)
         if not base.source.is_gguf:
             raise ConfigError(f"--model_path {path}: neither a merged model (config.json), a mixture checkpoint "
                               f"({CONFIG_NAME}) nor a GGUF model")

@@ -118,7 +118,6 @@ class RealModelParts(ExtendedStudy):
 
     def __init__(self, study: RealModelStudy, settings: RealModelSettings) -> None:
         super().__init__(study, settings, settings.lora_r)
-        self.s = settings
         self.batch = study.preset.finetune_batch
 
     def provenance(self) -> dict:
@@ -126,21 +125,21 @@ class RealModelParts(ExtendedStudy):
 
     # Methods.
     def lora(self, rate: float) -> StudyMethod:
-        options = {"method": "lora", "lora_r": self.s.lora_r, "lora_alpha": self.s.lora_alpha, "learning_rate": rate,
+        options = {"method": "lora", "lora_r": self.settings.lora_r, "lora_alpha": self.settings.lora_alpha, "learning_rate": rate,
                    **REFERENCE_REGULARISERS}
         return StudyMethod(f"lora(lr={rate:g})", options)
 
     def adamix(self, rate: float, weight: float, experts: int = 4) -> StudyMethod:
-        options = {"method": "adamix-lora", "lora_r": self.s.lora_r, "lora_alpha": self.s.lora_alpha,
+        options = {"method": "adamix-lora", "lora_r": self.settings.lora_r, "lora_alpha": self.settings.lora_alpha,
                    "num_experts": experts, "expert_init": "identical", "consistency_weight": weight,
                    "learning_rate": rate, **REFERENCE_REGULARISERS}
         return StudyMethod(f"adamix-lora(lr={rate:g},cw={weight:g},M={experts})", options, ("merged",))
 
     def moa(self, name: str, rate: float) -> StudyMethod:
-        return StudyMethod(f"{name}(lr={rate:g})", {"method": name, "learning_rate": rate, **self.s.moa[name]})
+        return StudyMethod(f"{name}(lr={rate:g})", {"method": name, "learning_rate": rate, **self.settings.moa[name]})
 
     def middle_steps(self) -> int:
-        return _steps(self.s.lora_epochs[len(self.s.lora_epochs) // 2], self.s.full_train, self.batch)
+        return _steps(self.settings.lora_epochs[len(self.settings.lora_epochs) // 2], self.settings.full_train, self.batch)
 
     def _rows(self, jobs: list[Job]) -> list[dict]:
         """Each job's row (one seed each), running those not yet run."""
@@ -157,16 +156,16 @@ class RealModelParts(ExtendedStudy):
         """Each method's learning rate, then AdaMix's consistency weight, by the lowest dev loss on the first seed."""
         if self._sweep is not None:
             return self._sweep
-        steps, seed, rates = self.middle_steps(), self.seeds[0], self.s.learning_rates
+        steps, seed, rates = self.middle_steps(), self.seeds[0], self.settings.learning_rates
         ladders = {"lora": [self.lora(r) for r in rates], "adamix-lora": [self.adamix(r, 1.0) for r in rates],
-                   **{name: [self.moa(name, r) for r in rates] for name in self.s.moa}}
+                   **{name: [self.moa(name, r) for r in rates] for name in self.settings.moa}}
         rows, chosen = [], {}
         for label, methods in ladders.items():
             found = self._rows([Job("definition", m, seed, steps=steps) for m in methods])
             rows += found
             chosen[label] = methods[min(range(len(found)), key=lambda i: found[i]["dev_loss"]["mean"])]
         rate = chosen["adamix-lora"].options["learning_rate"]
-        weights = [self.adamix(rate, w) for w in self.s.consistency_weights]
+        weights = [self.adamix(rate, w) for w in self.settings.consistency_weights]
         found = self._rows([Job("definition", m, seed, steps=steps) for m in weights])
         rows += [r for r in found if r["method"] not in {row["method"] for row in rows}]
         chosen["adamix-lora"] = weights[min(range(len(found)), key=lambda i: found[i]["dev_loss"]["mean"])]
@@ -180,12 +179,12 @@ class RealModelParts(ExtendedStudy):
     def part_budget(self) -> dict:
         chosen = self.sweep()["chosen"]
         lora, adamix = chosen["lora"], chosen["adamix-lora"]
-        sizes = {"full": (self.s.full_train, self.s.lora_epochs), "small": (self.s.small_train, self.s.small_epochs)}
+        sizes = {"full": (self.settings.full_train, self.settings.lora_epochs), "small": (self.settings.small_train, self.settings.small_epochs)}
         rows, curves = [], {}
         for size_name, (train, epochs) in sizes.items():
             longest = epochs[-1]
             ladders = [(lora, epochs)]
-            for m in self.s.experts:
+            for m in self.settings.experts:
                 method = adamix if m == adamix.options["num_experts"] else self.adamix(
                     adamix.options["learning_rate"], adamix.options["consistency_weight"], m)
                 ladders.append((method, (*epochs, 2 * longest, 4 * longest)))
@@ -193,7 +192,7 @@ class RealModelParts(ExtendedStudy):
                 for e in ladder:
                     steps = _steps(e, train, self.batch)
                     job = {"steps": steps, "train_size": train if size_name == "small" else None,
-                           "eval_steps": max(1, steps // self.s.curve_points)}
+                           "eval_steps": max(1, steps // self.settings.curve_points)}
                     found = self._seeds(method, **job)
                     for row in found:
                         row["epochs"], row["size"] = e, size_name
@@ -213,12 +212,12 @@ class RealModelParts(ExtendedStudy):
     def part_routed(self) -> dict:
         chosen = self.sweep()["chosen"]
         steps = self.middle_steps()
-        return {"steps": steps, "rows": [r for name in self.s.moa for r in self._seeds(chosen[name], steps=steps)]}
+        return {"steps": steps, "rows": [r for name in self.settings.moa for r in self._seeds(chosen[name], steps=steps)]}
 
     def part_full(self) -> dict:
         steps = self.middle_steps()
-        method = StudyMethod(f"full(lr={self.s.learning_rates[0]:g})",
-                             {"method": "full", "learning_rate": self.s.learning_rates[0]})
+        method = StudyMethod(f"full(lr={self.settings.learning_rates[0]:g})",
+                             {"method": "full", "learning_rate": self.settings.learning_rates[0]})
         job = Job("definition", method, self.seeds[0], steps=steps)
         return {"steps": steps, "rows": self._rows([job])}
 

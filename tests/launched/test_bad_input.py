@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+from conftest import write_gguf
 from launching import run_entry
 
 CASES = {
@@ -51,16 +52,7 @@ def test_a_valid_file_of_the_same_kind_trains(tmp_path):
 def test_a_bad_gguf_model_stops_train_and_generate_with_one_line(tmp_path, architecture, cut, fault):
     """A GGUF download cut short, or of an architecture transformers cannot read: train.py and generate.py each end
     with one line and exit code 2, no traceback."""
-    import gguf
-    import numpy as np
-
-    path = tmp_path / "model.Q8_0.gguf"
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_tensor("token_embd.weight", np.ones((64, 64), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(tmp_path / "model.Q8_0.gguf", architecture)
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) - cut])
     for script, args in (("train.py", ["--output_dir", str(tmp_path / "out"), "--max_steps", "1"]),
                          ("generate.py", ["--model_path", str(path), "--prompt", "hello"])):

@@ -5,7 +5,6 @@ package or reader are refused in one line naming what to do."""
 import importlib.util
 import re
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_model
@@ -14,25 +13,12 @@ from transformers import AutoModelForCausalLM
 from adamix_ds.arguments import ModelArguments
 from adamix_ds.builtin_models import SMOLLM2
 from adamix_ds.config import ConfigError, MixtureConfig
+from adamix_ds.data.labels import IGNORE_INDEX
 from adamix_ds.data.tokenization import _chat_example
 from adamix_ds.data.tokenizer import load_tokenizer
-from adamix_ds.data.labels import IGNORE_INDEX
 from adamix_ds.model_source import drop_gguf_marker, resolve_source
 from adamix_ds.training.preflight import check_model
-
-
-def write_gguf(path, architecture="llama"):
-    """A small but well-formed GGUF file: one float32 tensor and the architecture's name."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.arange(4096, dtype=np.float32).reshape(64, 64))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+from conftest import write_gguf
 
 
 @pytest.mark.parametrize("make, fault", [
