@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default="base",
                         help="Comma-separated: base (the first table: every method, both tasks) and the extension's "
                              f"parts on supersense: {', '.join(PARTS)}.")
+    parser.add_argument("--keep_runs", type=Path,
+                        help="Copy each finished run's records (run.json, scores.json) here and restore the runs found "
+                             "here instead of running them: a long study committed run by run and resumed elsewhere "
+                             "(benchmarks/results/quality_smollm2/runs holds the SmolLM2 study's).")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     if args.preset in REAL_PRESETS:
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
     train_script = REPO / "launch" / "train.py"
     if "base" in parts:
         results = run_study(PRESETS[args.preset], methods, work_dir, args.data_dir, train_script,
-                            seeds=seeds, tasks=tasks, docs_root=args.docs_root)
+                            seeds=seeds, tasks=tasks, docs_root=args.docs_root, keep_runs=args.keep_runs)
         print((work_dir / "results.md").read_text())
         logging.info("results: %s", work_dir / "results.json")
         if not results["rows"]:
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
     if extension:
         preset = PRESETS[args.preset] if not seeds else dataclasses.replace(PRESETS[args.preset], seeds=seeds)
         study = QualityStudy(preset, METHODS[args.preset], work_dir, args.data_dir, train_script,
-                             docs_root=args.docs_root)
+                             docs_root=args.docs_root, keep_runs=args.keep_runs)
         lora_rank = next(m for m in METHODS[args.preset] if m.name == "lora").options["lora_r"]
         ExtendedStudy(study, SETTINGS[args.preset], lora_rank).run(extension)
         report_parts(work_dir / "parts", PARTS, markdown, plot_budget)
@@ -106,7 +110,7 @@ def real_model_main(args, parts: list[str]) -> int:
     if args.seeds:
         preset = dataclasses.replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
     work_dir = args.work_dir or Path("outputs/quality_study") / args.preset
-    study = RealModelStudy(preset, [], work_dir, args.data_dir, REPO / "launch" / "train.py")
+    study = RealModelStudy(preset, [], work_dir, args.data_dir, REPO / "launch" / "train.py", keep_runs=args.keep_runs)
     RealModelParts(study, settings).run(tuple(parts))
     report_parts(work_dir / "parts", REAL_PARTS, real_model_markdown, plot_real_model_budget)
     return 0

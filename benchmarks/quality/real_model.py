@@ -9,9 +9,10 @@ side). Budgets are in epochs of the training set; AdaMix's ladder reaches four t
 reference gives it four times LoRA's epochs. Dev chooses, test reports. Parts (`--parts`, each resumable run by run):
 
 sweep       first seed, definition task, full training set, LoRA's middle budget: every method's learning rate
-            from one ladder, then AdaMix's consistency weight at its chosen rate, on dev loss.
-budget      LoRA and AdaMix (M = 4 and 8) as chosen, at every budget of their ladders, on the full and the small
-            training set, every seed; dev loss every few steps (the curves).
+            from one ladder, then AdaMix's consistency weight at its chosen rate, then its number of experts
+            (M = 4, 8) at both, on dev loss.
+budget      LoRA and AdaMix as chosen, at every budget of their ladders (AdaMix's adds four times LoRA's longest),
+            on the full and the small training set, every seed; dev loss every few steps (the curves).
 supersense  the chosen LoRA and AdaMix (M = 4) at LoRA's middle budget on the supersense task, every seed.
 routed      moa-soft and moa-sparse (chosen rates) at LoRA's middle budget, every seed.
 full        full fine-tuning at LoRA's middle budget, first seed.
@@ -42,12 +43,15 @@ class RealModelSettings:
     full_train: int
     small_train: int
     lora_epochs: tuple[float, ...]
-    """LoRA's budget ladder, in epochs of the full training set; AdaMix adds twice and four times the longest."""
+    """LoRA's budget ladder, in epochs of the full training set; AdaMix's adds four times the longest."""
     small_epochs: tuple[float, ...]
     """The ladder on the small training set (in its epochs), long enough for LoRA's dev loss to turn up."""
-    learning_rates: tuple[float, ...] = (1e-4, 2e-4, 4e-4)
+    learning_rates: tuple[float, ...] = (2e-4, 4e-4, 8e-4)
+    """Upward from the reference's 2e-4: on 100 steps of the full set 1e-4 was the worst rung for LoRA and AdaMix alike
+    and 4e-4 the best (benchmarks/results/quality_smollm2_sweep_partial.json)."""
     consistency_weights: tuple[float, ...] = (0.0, 1.0, 10.0, 100.0)
     experts: tuple[int, ...] = (4, 8)
+    """AdaMix's rate and weight are swept with the first; the others run at both, and dev loss picks M."""
     lora_r: int = 4
     lora_alpha: int = 32
     curve_points: int = 6
@@ -157,7 +161,7 @@ class RealModelParts(ExtendedStudy):
         if self._sweep is not None:
             return self._sweep
         steps, seed, rates = self.middle_steps(), self.seeds[0], self.settings.learning_rates
-        ladders = {"lora": [self.lora(r) for r in rates], "adamix-lora": [self.adamix(r, 1.0) for r in rates],
+        ladders = {"lora": [self.lora(r) for r in rates], "adamix-lora": [self.adamix(r, 1.0, self.settings.experts[0]) for r in rates],
                    **{name: [self.moa(name, r) for r in rates] for name in self.settings.moa}}
         rows, chosen = [], {}
         for label, methods in ladders.items():
@@ -165,10 +169,15 @@ class RealModelParts(ExtendedStudy):
             rows += found
             chosen[label] = methods[min(range(len(found)), key=lambda i: found[i]["dev_loss"]["mean"])]
         rate = chosen["adamix-lora"].options["learning_rate"]
-        weights = [self.adamix(rate, w) for w in self.settings.consistency_weights]
+        weights = [self.adamix(rate, w, self.settings.experts[0]) for w in self.settings.consistency_weights]
         found = self._rows([Job("definition", m, seed, steps=steps) for m in weights])
         rows += [r for r in found if r["method"] not in {row["method"] for row in rows}]
-        chosen["adamix-lora"] = weights[min(range(len(found)), key=lambda i: found[i]["dev_loss"]["mean"])]
+        best = weights[min(range(len(found)), key=lambda i: found[i]["dev_loss"]["mean"])]
+        weight = best.options["consistency_weight"]
+        sizes = [best] + [self.adamix(rate, weight, m) for m in self.settings.experts[1:]]
+        found = [found[weights.index(best)]] + self._rows([Job("definition", m, seed, steps=steps) for m in sizes[1:]])
+        rows += found[1:]
+        chosen["adamix-lora"] = sizes[min(range(len(found)), key=lambda i: found[i]["dev_loss"]["mean"])]
         self._sweep = {"steps": steps, "chosen": chosen, "rows": rows}
         return self._sweep
 
@@ -182,13 +191,7 @@ class RealModelParts(ExtendedStudy):
         sizes = {"full": (self.settings.full_train, self.settings.lora_epochs), "small": (self.settings.small_train, self.settings.small_epochs)}
         rows, curves = [], {}
         for size_name, (train, epochs) in sizes.items():
-            longest = epochs[-1]
-            ladders = [(lora, epochs)]
-            for m in self.settings.experts:
-                method = adamix if m == adamix.options["num_experts"] else self.adamix(
-                    adamix.options["learning_rate"], adamix.options["consistency_weight"], m)
-                ladders.append((method, (*epochs, 2 * longest, 4 * longest)))
-            for method, ladder in ladders:
+            for method, ladder in ((lora, epochs), (adamix, (*epochs, 4 * epochs[-1]))):
                 for e in ladder:
                     steps = _steps(e, train, self.batch)
                     job = {"steps": steps, "train_size": train if size_name == "small" else None,
@@ -246,7 +249,7 @@ REAL_PRESETS = {
                        pretrain_lr=0.0, seq_length=64, sizes={"train": 8000, "dev": 200, "test": 400},
                        finetune_steps=0, finetune_batch=8, seeds=(0, 1, 2), parallel_jobs=1, threads_per_job=2,
                        eval_batch=32, max_new_tokens={"supersense": 8, "definition": 32}),
-                RealModelSettings(full_train=8000, small_train=1000, lora_epochs=(0.05, 0.1, 0.2),
+                RealModelSettings(full_train=8000, small_train=1000, lora_epochs=(0.025, 0.05, 0.1),
                                   small_epochs=(0.5, 1.0, 2.0))),
     "smollm2-smoke": (Preset(name="smollm2-smoke", model={}, vocab_size=0, pretrain_steps=0, pretrain_batch=0,
                              pretrain_ranks=1, pretrain_lr=0.0, seq_length=64, sizes={"train": 32, "dev": 4, "test": 6},
@@ -255,10 +258,10 @@ REAL_PRESETS = {
                       RealModelSettings(full_train=32, small_train=16, lora_epochs=(0.125, 0.25), small_epochs=(0.25,),
                                         learning_rates=(4e-4,), consistency_weights=(1.0,), experts=(4,), moa={})),
 }
-"""smollm2: the issue's plan (8 sequences of at most 64 tokens a step, bf16, one rank); its budgets are to be fitted to
-about 6 hours of a 2-core CPU once the sweep has measured each method's step and scoring times (at the issue's 1.0 s
-a LoRA step and 1.9 s an AdaMix step with consistency, AdaMix's ladders to four times LoRA's longest on both sizes
-and three seeds cost most of it); smollm2-smoke: the tests' end-to-end run (a few steps, two seeds)."""
+"""smollm2: 8 sequences of at most 64 tokens a step, bf16, one rank, fitted to about 6 hours of a 2-core CPU (LoRA
+about 1.0 s a step, AdaMix with consistency about 2 s, scoring a run about 50 s): LoRA's ladders are 25, 50 and 100
+steps on the full set and 63, 125 and 250 on the small one (2 epochs), AdaMix's add 400 and 1,000; the sweep and the
+other parts run at 50 steps. smollm2-smoke: the tests' end-to-end run (a few steps, two seeds)."""
 
 
 def markdown(results: dict) -> str:

@@ -29,6 +29,9 @@ from .presets import Preset, StudyMethod
 from .scoring import HEADLINE
 
 logger = logging.getLogger("adamix_ds.study")
+RUN_RECORDS = ("run.json", "scores.json")
+"""What a finished run leaves that the tables read: the trainer's record (final and periodic dev loss, parameter
+counts, step times) and the scores of its served models."""
 BENCHMARKS = Path(__file__).resolve().parent.parent
 """benchmarks/, where the study's package lives (its scoring processes import it from there)."""
 
@@ -60,10 +63,13 @@ def _flags(options: dict) -> list[str]:
 class QualityStudy:
     def __init__(self, preset: Preset, methods: list[StudyMethod], work_dir: Path, data_dir: Path, train_script: Path,
                  tasks: tuple[str, ...] = wordnet_tasks.TASKS, docs_root: Path | None = None,
-                 wordnet_dir: Path = Path("/usr/share/wordnet")) -> None:
+                 wordnet_dir: Path = Path("/usr/share/wordnet"), keep_runs: Path | None = None) -> None:
         self.preset, self.methods, self.tasks = preset, methods, tasks
         self.work_dir, self.data_dir, self.train_script = work_dir, data_dir, train_script
         self.docs_root, self.wordnet_dir = docs_root, wordnet_dir
+        self.keep_runs = keep_runs
+        """Where each finished run's records are copied (run.json, scores.json); a run found there is restored
+        instead of run again, so a study can be committed run by run and resumed on another machine."""
         self.gpu = _has_gpu()
         self.timings: dict[str, float] = {}
 
@@ -111,6 +117,9 @@ class QualityStudy:
         scores_path = out / "scores.json"
         if scores_path.is_file() and (out / "run.json").is_file():
             return json.loads(scores_path.read_text())
+        if self._restore(job, out):
+            logger.info("%s: restored from %s", job.name, self.keep_runs)
+            return json.loads(scores_path.read_text())
         if out.exists():
             shutil.rmtree(out)  # an unfinished earlier attempt
         files = self.task_files[job.task]
@@ -133,6 +142,7 @@ class QualityStudy:
                    "--split", f"dev={files['dev']}", "--split", f"test={files['test']}"]
         self._run(command, out / "score.log", threads=p.threads_per_job)
         scores = json.loads(scores_path.read_text())
+        self._keep(job, out)
         logger.info("%s: trained in %.0f s, scored in %.0f s: %s", job.name, trained,
                     time.perf_counter() - start - trained,
                     {k: round(v[HEADLINE[job.task]], 2) for k, v in scores.items()})
@@ -159,6 +169,25 @@ class QualityStudy:
         return self.aggregate(jobs)
 
     # Helpers.
+    def _restore(self, job: Job, out: Path) -> bool:
+        kept = None if self.keep_runs is None else self.keep_runs / job.name
+        if kept is None or not all((kept / name).is_file() for name in RUN_RECORDS):
+            return False
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        for name in RUN_RECORDS:
+            shutil.copy2(kept / name, out / name)
+        return True
+
+    def _keep(self, job: Job, out: Path) -> None:
+        if self.keep_runs is None:
+            return
+        kept = self.keep_runs / job.name
+        kept.mkdir(parents=True, exist_ok=True)
+        for name in RUN_RECORDS:
+            shutil.copy2(out / name, kept / name)
+
     def learning_rate(self, method: StudyMethod) -> float:
         """The method's own learning_rate option, else the preset's for its name or --method, else the default."""
         rates = self.preset.learning_rates

@@ -311,12 +311,14 @@ def test_a_failing_job_cancels_the_jobs_not_yet_started(monkeypatch):
 def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model(smollm2_file, tmp_path):
     """The real-model preset end to end on the packaged SmolLM2 (a few steps): the base is read from its GGUF once,
     the sweep picks among its candidates on dev loss, the supersense part pairs AdaMix with LoRA seed by seed, and a
-    second invocation reuses every finished run."""
+    second invocation reuses every finished run; a third, in a fresh work directory, restores every run from the
+    records kept with --keep_runs (a study committed run by run and resumed on another machine)."""
     import hashlib
 
-    work = tmp_path / "work"
+    work, kept = tmp_path / "work", tmp_path / "kept"
     command = [sys.executable, str(REPO / "benchmarks" / "quality_study.py"), "--preset", "smollm2-smoke",
-               "--parts", "sweep,supersense", "--work_dir", str(work), "--data_dir", str(tmp_path / "data")]
+               "--parts", "sweep,supersense", "--work_dir", str(work), "--data_dir", str(tmp_path / "data"),
+               "--keep_runs", str(kept)]
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -338,3 +340,13 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
     again = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("train.log")} == logs
+
+    assert sorted(p.parent.relative_to(kept) for p in kept.rglob("scores.json")) == sorted(
+        p.parent.relative_to(work / "runs") for p in logs)
+    elsewhere = tmp_path / "elsewhere"
+    command[command.index(str(work))] = str(elsewhere)
+    restored = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-3000:]
+    assert not list((elsewhere / "runs").rglob("train.log"))
+    again = json.loads((elsewhere / "parts" / "supersense.json").read_text())
+    assert again["rows"] == supersense["rows"]
