@@ -208,7 +208,11 @@ class TrainArguments:
                           "(non-reentrant activation checkpointing): far less activation memory for about one "
                           "more forward of compute; routes, dropout masks and router statistics are unchanged."},
     )
-    loss_chunk_tokens: int = field(default=1024, metadata={"help": "Target tokens per chunk of the output projection."})
+    loss_chunk_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Target tokens per chunk of the output projection and its losses (default: 1024 on a GPU; on "
+                          "a CPU as many as keep a chunk's fp32 logits within 16 MB, 85 for a 49k vocabulary)."},
+    )
     num_samples: int = field(default=4, metadata={"help": "Generate for this many held-out prompts at the end."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample."})
     slot_accuracy: bool = field(

@@ -3,9 +3,14 @@ adamix_ds's rows, in ONE run on the same machine, model, data and ZeRO-3 config;
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/step_benchmark.py            # CPU, 33M Llama
     deepspeed benchmarks/step_benchmark.py --model large:llama --seq 1024 --micro 8    # GPU, about 1B, bf16
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 1 benchmarks/step_benchmark.py --model smollm2:135m-instruct \
+        --micro 8 --seq 96 --rows pabcd --deepspeed ds_configs/zero3.json             # the packaged SmolLM2
 
-Rows (same targets q_proj, v_proj, same rank):
-  a  PEFT LoRA inside a standard DeepSpeed ZeRO-3 engine (the anchor)
+--model is a built-in config, a model directory, a GGUF file or the packaged SmolLM2. Rows (same targets q_proj,
+v_proj, same rank):
+  p  the plain loop a user writes instead of any trainer: the Hugging Face model, PEFT LoRA, torch AdamW, one
+     process (1 rank only), bf16 by autocast where the run is bf16
+  a  PEFT LoRA inside a standard DeepSpeed ZeRO-3 engine
   b  adamix_ds plain LoRA (M = 1)
   c  AdaMix-LoRA, M = 4
   d  AdaMix-LoRA, M = 4, consistency from one doubled-batch forward
@@ -35,7 +40,6 @@ from torch.nn import functional as F
 
 from adamix_ds import MixtureConfig, causal_lm_losses, distributed
 from adamix_ds.arguments import ModelArguments, TrainArguments
-from adamix_ds.builtin_models import builtin_config
 from adamix_ds.cli import exit_process
 from adamix_ds.distributed.ds_config import load_ds_config, resolve_ds_config
 from adamix_ds.distributed.sharded_base import load_base
@@ -45,6 +49,7 @@ from adamix_ds.methods.registry import mixture_class
 from adamix_ds.training.monitoring import peak_memory_gb, reset_peak_memory
 
 ROWS = {
+    "p": "plain loop: HF model + PEFT LoRA + torch AdamW, one process",
     "a": "PEFT LoRA in a DeepSpeed ZeRO-3 engine",
     "b": "adamix_ds LoRA (M=1)",
     "c": "AdaMix-LoRA M=4",
@@ -62,14 +67,16 @@ SPARSE_SHARE = {"i": 0.5, "j": 0.25}
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="medium:llama", help="a built-in model (medium:llama, large:llama)")
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--model", default="medium:llama",
+                   help="a built-in model (medium:llama, large:llama), a model directory, a GGUF file or "
+                        "smollm2:135m-instruct")
+    p.add_argument("--vocab", type=int, default=8192, help="a built-in model's vocabulary (others have their own)")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--rounds", type=int, default=4, help="visits of every row (the first is warm-up)")
     p.add_argument("--steps", type=int, default=3, help="steps per visit")
     p.add_argument("--rows", default="abcdefghij",
-                   help="row letters (abcdefghij), or comma-separated rows with settings: b,d@micro=8,c@experts=16")
+                   help="row letters (pabcdefghij), or comma-separated rows with settings: b,d@micro=8,c@experts=16")
     p.add_argument("--results_dir", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--deepspeed", default="ds_configs/zero3.json")
     p.add_argument("--name", default=None, help="results file name (default: derived from the device)")
@@ -152,20 +159,56 @@ class MixtureRow:
         self.step_index += 1
 
 
+def whole_model(args, dtype: torch.dtype):
+    """The benchmark's base, whole, as a user loads it: a built-in config drawn with seed 0, else from its files."""
+    from transformers import AutoModelForCausalLM
+
+    source = ModelArguments(model_name_or_path=args.model).source
+    torch.manual_seed(0)
+    if source.builtin:
+        return AutoModelForCausalLM.from_config(source.config(vocab_size=args.vocab), dtype=dtype)
+    return source.load(dtype)
+
+
+def peft_lora(model):
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+
+
+class PlainLoopRow:
+    """The anchor: what a user writes instead of any trainer. The fp32 model with PEFT's LoRA under bf16 autocast
+    where the run is bf16 (the usual mixed precision: fp32 weights and optimizer), stepped by torch's AdamW."""
+
+    def __init__(self, args, bf16: bool, device) -> None:
+        self.model = peft_lora(whole_model(args, torch.float32)).to(device)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        self.device_type, self.bf16 = device.type, bf16
+
+    def enter(self) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+    def step(self, ids: torch.Tensor) -> None:
+        self.model.train()
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 class PeftRow:
-    """The anchor: PEFT's LoRA on its own base, in a standard DeepSpeed ZeRO-3 engine."""
+    """PEFT's LoRA on its own base, in a standard DeepSpeed ZeRO-3 engine."""
 
     def __init__(self, args, ds_config: dict) -> None:
         import deepspeed
-        import peft
-        from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
         self._keep = HfDeepSpeedConfig(ds_config)
-        dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(builtin_config(args.model, args.vocab), dtype=dtype)
-        model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+        model = peft_lora(whole_model(args, torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32))
         trainable = [p for p in model.parameters() if p.requires_grad]
         engine_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "tensorboard")}
         # save_16bit_model under ZeRO-3 writes nothing unless the engine may gather the weights on save.
@@ -260,12 +303,22 @@ def main() -> None:
     world = distributed.world_size()
     ds_config, _ = resolve_ds_config(load_ds_config(args.deepspeed), TrainArguments(per_device_train_batch_size=args.micro),
                                      world, steps_for=lambda plan: 10_000)
+    specs = row_specs(args.rows)
+    if world > 1 and any(key == "p" for _, key, _ in specs):
+        raise SystemExit("--rows: row p is the single-process loop; run it with 1 rank (--num_gpus 1)")
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().device_name(distributed.local_rank()))
+    # Before the sharded base: its ZeRO-3 config would make transformers create this model partitioned.
+    plain = {name: PlainLoopRow(args, ds_config["bf16"]["enabled"], device) for name, key, _ in specs if key == "p"}
     base = load_base(ModelArguments(model_name_or_path=args.model), ds_config, vocab_size=args.vocab, seed=0)
-    device = base.device
+    args.vocab = base.model.config.vocab_size
     rows, micro = {}, {}
-    for name, key, settings in row_specs(args.rows):
+    for name, key, settings in specs:
         micro[name] = settings.get("micro", args.micro)
-        if key == "a":
+        if key == "p":
+            rows[name] = plain[name]
+        elif key == "a":
             rows[name] = PeftRow(args, ds_config)
         elif key in "bcde":
             m = 1 if key == "b" else settings.get("experts", 4)
@@ -356,18 +409,20 @@ def memory_header(per_row: bool) -> str:
 def write_results(args, results: dict, merge: dict, ds_config: dict, world: int, per_row_memory: bool) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     name = args.name or ("gpu" if torch.cuda.is_available() else "cpu")
-    base_row = results.get("b")
+    base_row, plain = results.get("b"), results.get("p")
     with_mfu = all("mfu" in r for r in results.values())
-    lines = [f"Measured on {device}, {world} ranks, ZeRO-3, {args.model} (vocab {args.vocab}), micro-batch "
+    lines = [f"Measured on {device}, {world} ranks, ZeRO stage {ds_config['zero_optimization']['stage']}, "
+             f"{args.model} (vocab {args.vocab}), {torch.get_num_threads()} threads per rank, micro-batch "
              f"{args.micro} x {args.seq} tokens per rank, bf16 {ds_config['bf16']['enabled']}; median of "
              f"{(args.rounds - 1) * args.steps} steps per row after warm-up, rows interleaved.", "",
              f"| row | median step (s) | p25-p75 (s) | tokens/s | {memory_header(per_row_memory)} | vs (b) |"
-             + (" MFU |" if with_mfu else ""),
-             "|---|---|---|---|---|---|" + ("---|" if with_mfu else "")]
+             + (" vs (p) |" if plain else "") + (" MFU |" if with_mfu else ""),
+             "|---|---|---|---|---|---|" + ("---|" if plain else "") + ("---|" if with_mfu else "")]
     for key, r in results.items():
-        ratio = f"{r['median_s'] / base_row['median_s']:.2f}" if base_row else "-"
+        ratios = [f" {r['median_s'] / anchor['median_s']:.2f} |" if anchor else " - |"
+                  for anchor in [base_row] + ([plain] if plain else [])]
         lines.append(f"| ({key}) {r['row']} | {r['median_s']:.3f} | {r['p25_s']:.3f}-{r['p75_s']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['peak_memory_gb']:.2f} | {ratio} |"
+                     f"{r['tokens_per_s']:.0f} | {r['peak_memory_gb']:.2f} |" + "".join(ratios)
                      + (f" {100 * r['mfu']:.1f}% |" if with_mfu else ""))
     if merge:
         lines += ["", "| merge | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in merge.items()]

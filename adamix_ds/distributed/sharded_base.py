@@ -151,7 +151,7 @@ def load_base(model_args: ModelArguments, ds_config: dict, vocab_size: int, seed
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     stage = ds_config["zero_optimization"]["stage"]
     device = torch.device(get_accelerator().device_name(distributed.local_rank()))
-    if device.type == "cpu":
+    if device.type == "cpu" and stage == 3:  # for the gathers; elsewhere it only slows every allocation
         return_freed_memory()
     keep = []
     if any(ds_config["zero_optimization"].get(key) == AUTO for key in LAYER_SIZED):

@@ -63,32 +63,41 @@ class _HeadLosses(torch.autograd.Function):
             grad_ce_1 = torch.empty_like(h1) if need_grad else None
             grad_kl_1 = torch.empty_like(h1) if need_grad and h2 is not None else None
             grad_kl_2 = torch.empty_like(h2) if need_grad and h2 is not None else None
+            chunk_tokens = chunk_tokens or default_chunk_tokens(weight)
             for start in range(0, h1.shape[0], chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
                 u1, dz1 = _logits(h1[rows], weight, bias, scale, softcap)
                 logp1 = F.log_softmax(u1, dim=-1)
-                p1 = logp1.exp()
+                del u1
                 y = targets[rows]
                 lm += -(1.0 - smoothing) * logp1.gather(1, y[:, None]).sum()
                 if smoothing:
                     lm += -smoothing * logp1.mean(dim=-1).sum()
+                if not need_grad and h2 is None:
+                    continue
+                p1 = logp1.exp()
                 if need_grad:
-                    grad_ce = p1 - smoothing / p1.shape[-1] if smoothing else p1.clone()
+                    grad_ce = p1 if h2 is None else p1.clone()  # p1 itself where the KL does not need it
+                    if smoothing:
+                        grad_ce.sub_(smoothing / p1.shape[-1])
                     grad_ce[torch.arange(y.numel(), device=y.device), y] -= 1.0 - smoothing
                     grad_ce_1[rows] = _to_hidden(grad_ce, dz1, weight, h1.dtype)
+                    del grad_ce
                 if h2 is None:
                     continue
                 u2, dz2 = _logits(h2[rows], weight, bias, scale, softcap)
                 logp2 = F.log_softmax(u2, dim=-1)
+                del u2
                 p2 = logp2.exp()
-                diff = logp1 - logp2
-                kl_12 = (p1 * diff).sum(-1, keepdim=True)
-                kl_21 = -(p2 * diff).sum(-1, keepdim=True)
+                diff = logp1.sub_(logp2)  # log p1 - log p2, in log p1's buffer
+                del logp2
+                kl_12 = _row_dot(p1, diff)  # KL(p1 || p2) per row
+                kl_21 = -_row_dot(p2, diff)  # KL(p2 || p1)
                 kl += 0.5 * (kl_12.sum() + kl_21.sum())
                 if not need_grad:
                     continue
-                grad_kl_1[rows] = _to_hidden(0.5 * p1 * (diff - kl_12), dz1, weight, h1.dtype)
-                grad_kl_2[rows] = _to_hidden(0.5 * p2 * (-diff - kl_21), dz2, weight, h2.dtype)
+                grad_kl_1[rows] = _to_hidden((diff - kl_12).mul_(p1).mul_(0.5), dz1, weight, h1.dtype)
+                grad_kl_2[rows] = _to_hidden(diff.add_(kl_21).mul_(p2).mul_(-0.5), dz2, weight, h2.dtype)
         ctx.save_for_backward(grad_ce_1, grad_kl_1, grad_kl_2)
         return lm, kl
 
@@ -101,6 +110,25 @@ class _HeadLosses(torch.autograd.Function):
             grad_h1 = grad_h1 + grad_kl_1 * grad_kl.to(grad_kl_1.dtype)
             grad_h2 = grad_kl_2 * grad_kl.to(grad_kl_2.dtype)
         return grad_h1, grad_h2, None, None, None, None, None, None, None
+
+
+CPU_CHUNK_BYTES = 16 * 2**20
+"""A CPU chunk's fp32 logits at most this large. glibc maps every block above its mmap threshold (at most 32 MB)
+anew and unmaps it when freed, so larger chunks fault in every page of their dozen full-vocabulary buffers on each
+use: on SmolLM2 (49,152 tokens) 1,024-token chunks made the consistency step 2.0 times slower than 128-token ones."""
+
+
+def default_chunk_tokens(weight: torch.Tensor) -> int:
+    """1,024 target tokens a chunk on an accelerator (its caching allocator reuses the buffers); on a CPU as many as
+    keep one chunk's fp32 logits within CPU_CHUNK_BYTES (85 for a 49,152-token vocabulary), at least 16."""
+    if weight.device.type != "cpu":
+        return 1024
+    return max(16, CPU_CHUNK_BYTES // (4 * weight.shape[0]))
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(rows, 1): each row of a dotted with the same row of b, without an (rows, V) product in memory."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1, 1)
 
 
 def _logits(hidden, weight, bias, scale, softcap):
@@ -125,7 +153,7 @@ def token_losses(
     hidden: torch.Tensor,
     labels: torch.Tensor,
     hidden_2: torch.Tensor | None = None,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int | None = None,
     softcap: float | None = None,
     scale: float = 1.0,
     label_smoothing: float = 0.0,
@@ -154,7 +182,7 @@ def causal_lm_losses(
     attention_mask: torch.Tensor | None = None,
     router: StochasticRouter | None = None,
     consistency: bool = False,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int | None = None,
     label_smoothing: float = 0.0,
 ) -> LossSums:
     """One forward of a Hugging Face causal LM; with `consistency`, one forward of the doubled batch.

@@ -3,12 +3,14 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from adamix_ds.arguments import TrainArguments, parse_arguments
 from adamix_ds.config import ConfigError
+from adamix_ds.distributed import ds_config
 from adamix_ds.distributed.ds_config import LAYER_SIZED, load_ds_config, resolve_ds_config
 from adamix_ds.training.optimization import build_optimizer, build_scheduler
 
@@ -24,10 +26,45 @@ def test_auto_values_resolve_from_arguments():
     assert config["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
     sched = config["scheduler"]["params"]
     assert (sched["warmup_max_lr"], sched["warmup_num_steps"], sched["total_num_steps"]) == (1e-3, 4, 100)
-    assert config["bf16"]["enabled"] is torch.cuda.is_available()
+    assert config["bf16"]["enabled"] is False  # "auto" under the suite's ADAMIX_DS_AUTO_BF16=0 (tests/conftest.py)
     sized = {key: config["zero_optimization"].pop(key) for key in LAYER_SIZED}
     assert sized == dict.fromkeys(LAYER_SIZED, "auto")  # load_base resolves them from the model
     assert "auto" not in json.dumps(config)
+
+
+def _cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's choice; a CUDA device decides by itself")
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="the kernel's CPU flags are read from /proc/cpuinfo")
+def test_bf16_auto_follows_the_cpus_bf16_hardware_and_says_why(monkeypatch, caplog):
+    """"auto" is bf16 exactly where the kernel lists AMX or AVX512-BF16 (read here from /proc/cpuinfo, independently
+    of torch's checks); the log names the choice and its reason; the variable overrides it either way."""
+    flags = _cpu_flags()
+    expected = [name for name, flag in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16")) if flag in flags]
+    assert ds_config.cpu_bf16_units() == expected
+    monkeypatch.delenv(ds_config.AUTO_BF16_VARIABLE)
+    for units, enabled, reason in ((["AMX"], True, "bf16 base: this CPU computes bf16 in hardware (AMX)"),
+                                   ([], False, "fp32: this CPU has no bf16 hardware")):
+        monkeypatch.setattr(ds_config, "cpu_bf16_units", lambda units=units: units)
+        with caplog.at_level("INFO", logger=ds_config.__name__):
+            caplog.clear()
+            config, _ = resolve_ds_config(SHIPPED, TrainArguments(), world_size=1, steps_for=lambda p: 10)
+        assert config["bf16"]["enabled"] is enabled
+        assert f'precision: bf16 "auto" -> {reason}' in caplog.text
+    for value, enabled in (("1", True), ("0", False)):
+        monkeypatch.setenv(ds_config.AUTO_BF16_VARIABLE, value)
+        config, _ = resolve_ds_config(SHIPPED, TrainArguments(), world_size=1, steps_for=lambda p: 10)
+        assert config["bf16"]["enabled"] is enabled
+    explicit = {**SHIPPED, "bf16": {"enabled": False}}  # an explicit value is never overridden
+    assert resolve_ds_config(explicit, TrainArguments(), world_size=1, steps_for=lambda p: 10)[0]["bf16"]["enabled"] is False
+    monkeypatch.setenv(ds_config.AUTO_BF16_VARIABLE, "yes")
+    with pytest.raises(ConfigError, match="ADAMIX_DS_AUTO_BF16='yes': use 0 \\(fp32\\) or 1 \\(bf16\\)"):
+        resolve_ds_config(SHIPPED, TrainArguments(), world_size=1, steps_for=lambda p: 10)
 
 
 def test_explicit_config_values_are_used_and_conflicts_refused():

@@ -166,3 +166,35 @@ def test_chunked_head_losses_match_autograd(softcap, scale, smoothing):
     torch.testing.assert_close(loss, reference)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+
+
+def test_default_chunks_keep_a_cpu_chunks_logits_small_and_change_no_number(monkeypatch):
+    """On a CPU a chunk holds as many target tokens as fit CPU_CHUNK_BYTES of fp32 logits (16 MB: 85 tokens of a
+    49,152-token vocabulary, at least 16); elsewhere 1,024. Chunks of that size give autograd's losses and gradients,
+    with and without the consistency term."""
+    from adamix_ds import token_losses
+    from adamix_ds.training import losses
+
+    assert losses.default_chunk_tokens(torch.empty(49152, 1)) == 16 * 2**20 // (4 * 49152) == 85
+    assert losses.default_chunk_tokens(torch.empty(2**20, 1)) == 16
+    assert losses.default_chunk_tokens(torch.empty(49152, 1, device="meta")) == 1024
+    monkeypatch.setattr(losses, "CPU_CHUNK_BYTES", 4 * 11 * 16)  # 16 tokens of 11: the smallest chunk
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False).requires_grad_(False)
+    h1 = torch.randn(4, 20, 6, generator=g, requires_grad=True)
+    h2 = torch.randn(4, 20, 6, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (4, 20), generator=g)
+    keep = labels[:, 1:] != -100
+    for hidden_2 in (None, h2):
+        sums = token_losses(head, h1, labels, hidden_2=hidden_2, label_smoothing=0.1)  # 76 targets: 5 chunks
+        loss = sums.mean(0.5)
+        wrt = (h1,) if hidden_2 is None else (h1, h2)
+        lp1 = F.log_softmax(head(h1[:, :-1])[keep], -1)
+        reference = F.cross_entropy(head(h1[:, :-1])[keep], labels[:, 1:][keep], label_smoothing=0.1)
+        if hidden_2 is not None:
+            lp2 = F.log_softmax(head(h2[:, :-1])[keep], -1)
+            reference = reference + 0.5 * 0.5 * ((lp1.exp() * (lp1 - lp2.detach())).sum(-1)
+                                                 + (lp2.exp() * (lp2 - lp1.detach())).sum(-1)).mean()
+        torch.testing.assert_close(loss, reference)
+        for got, want in zip(torch.autograd.grad(loss, wrt), torch.autograd.grad(reference, wrt)):
+            torch.testing.assert_close(got, want)
