@@ -87,7 +87,16 @@ PACKAGED_MODELS = {
 declared dependencies (llm, a llama-cpp-python source build) are not needed to read the file, hence --no-deps."""
 
 
-BUILTIN_SIZES = {"tiny": TINY_CONFIGS, "small": SMALL_CONFIGS, "medium": MEDIUM_CONFIGS, "large": LARGE_CONFIGS}
+SMOLLM2_SHAPED_CONFIGS = {
+    "llama": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+                  attention_dropout=0.0),
+}
+"""SmolLM2-135M's shape with random weights (135m:llama with --vocab 49152): the real-model benchmark where the
+packaged model cannot go, such as the GPU check's machine."""
+
+BUILTIN_SIZES = {"tiny": TINY_CONFIGS, "small": SMALL_CONFIGS, "medium": MEDIUM_CONFIGS, "large": LARGE_CONFIGS,
+                 "135m": SMOLLM2_SHAPED_CONFIGS}
 
 
 def is_builtin(name: str) -> bool:

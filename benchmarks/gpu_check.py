@@ -11,7 +11,8 @@ results: OUT/<part>.json and OUT/<part>.log, and OUT/summary.json and OUT/summar
 Parts: correctness (bf16 mixtures against fp32, merge and PEFT round trip, attention kernels, a 1-rank ZeRO-3
 run that lowers the loss, resumes exactly and exports), benchmark (rows a-e, g, h of step_benchmark.py on
 large:llama at sequence length 1024, with MFU and the (d)/(b), (d)/(e) ratios), micro_batch (rows b and d at
-micro-batches 4, 8, 16) and experts (row c with M = 1, 4, 16, 64).
+micro-batches 4, 8, 16), experts (row c with M = 1, 4, 16, 64) and real_model (the plain HF + PEFT loop, rows p, b, c,
+d, on 135m:llama: SmolLM2-135M's shape and vocabulary, since the packaged model is too large to carry).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WHEELS = REPO / ".gpu_wheels"
 BUDGET_S = 480
-PARTS = {"correctness": 150, "benchmark": 150, "micro_batch": 90, "experts": 90}
+PARTS = {"correctness": 150, "benchmark": 120, "micro_batch": 70, "experts": 70, "real_model": 70}
 """Seconds each part may take on the GPU; together the budget, with the install before them."""
 TOLERANCE = {"logits": 0.05, "gradient_cosine": 0.99, "resume": 1e-5}
 """bf16 against fp32: relative L2 error of logits, cosine of mixture gradients; losses of a resumed run."""
@@ -151,8 +152,8 @@ def train_resume_export(out: Path, s: dict, cpu: bool) -> dict:
             "ok": evals[-1] < evals[0] and difference <= TOLERANCE["resume"]}
 
 
-def _benchmark(out: Path, cpu: bool, name: str, rows: str) -> dict:
-    s = settings(cpu)
+def _benchmark(out: Path, cpu: bool, name: str, rows: str, **shape) -> dict:
+    s = {**settings(cpu), **shape}
     command = [*_launcher(cpu), str(REPO / "benchmarks" / "step_benchmark.py"), "--model", s["model"], "--vocab", str(s["vocab"]),
                "--seq", str(s["seq"]), "--micro", str(s["micro"][0]), "--rows", rows, "--rounds", str(s["rounds"]),
                "--steps", str(s["steps"]), "--results_dir", str(out), "--name", f"{name}-rows"]
@@ -170,6 +171,14 @@ def part_benchmark(out: Path, cpu: bool) -> dict:
     rows = record["rows"]
     return {"rows": rows, "merge": record["merge"], "d_over_b": _ratio(rows, "d", "b"),
             "d_over_e": _ratio(rows, "d", "e"), "ok": True}
+
+
+def part_real_model(out: Path, cpu: bool) -> dict:
+    s = settings(cpu)
+    shape = {"model": s["model"], "vocab": s["vocab"]} if cpu else {"model": "135m:llama", "vocab": 49152}
+    rows = _benchmark(out, cpu, "real_model", "pbcd", **shape)["rows"]
+    return {"rows": rows, "b_over_p": _ratio(rows, "b", "p"), "c_over_b": _ratio(rows, "c", "b"),
+            "d_over_b": _ratio(rows, "d", "b"), "ok": True}
 
 
 def part_micro_batch(out: Path, cpu: bool) -> dict:
@@ -273,7 +282,7 @@ def markdown(out: Path, summary: dict) -> str:
             shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in check.items()
                               if k != "ok")
             lines.append(f"| {name} | {shown} | {check['ok']} |")
-    for part in ("benchmark", "micro_batch", "experts"):
+    for part in ("benchmark", "micro_batch", "experts", "real_model"):
         path = out / f"{part}-rows.md"
         if path.is_file():
             lines += ["", f"**{part}**", "", path.read_text().strip()]

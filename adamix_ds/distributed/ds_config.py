@@ -21,6 +21,7 @@ from ..arguments import TrainArguments
 from ..config import ConfigError
 
 logger = logging.getLogger(__name__)
+_SAID: set[str] = set()
 AUTO = "auto"
 DEFAULTS = {
     "per_device_train_batch_size": 4,
@@ -154,7 +155,10 @@ def resolve_ds_config(
     bf16 = config.setdefault("bf16", {"enabled": False})
     if bf16.get("enabled") == AUTO:
         bf16["enabled"], why = auto_bf16()
-        logger.info("precision: bf16 \"auto\" -> %s: %s", "bf16 base" if bf16["enabled"] else "fp32", why)
+        said = f'precision: bf16 "auto" -> {"bf16 base" if bf16["enabled"] else "fp32"}: {why}'
+        if said not in _SAID:  # once a process, though the trainer resolves the config twice
+            _SAID.add(said)
+            logger.info(said)
     if config["fp16"]["enabled"]:
         raise ConfigError("fp16 is not supported (mixtures train in fp32 beside the base); use bf16 or fp32")
     if config["bf16"]["enabled"] and not bf16_possible():

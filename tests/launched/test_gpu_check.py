@@ -15,7 +15,7 @@ def test_the_gpu_check_runs_every_part_in_cpu_mode(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert {p: r["status"] for p, r in summary["parts"].items()} == {
-        "correctness": "ok", "benchmark": "ok", "micro_batch": "ok", "experts": "ok"}
+        "correctness": "ok", "benchmark": "ok", "micro_batch": "ok", "experts": "ok", "real_model": "ok"}
     checks = json.loads((out / "correctness.json").read_text())["checks"]
     assert {"bf16 adamix-lora", "bf16 moa-soft", "merge and PEFT round trip (bf16)", "attention sdpa vs eager (bf16)",
             "train, resume, export"} <= set(checks)
@@ -28,4 +28,6 @@ def test_the_gpu_check_runs_every_part_in_cpu_mode(tmp_path):
     assert sorted(micro["d_over_b"], key=int) == ["1", "2", "4"]
     experts = json.loads((out / "experts.json").read_text())
     assert sorted(experts["rows"]) == sorted(f"c@experts={m}" for m in (1, 2, 4, 8))
+    real = json.loads((out / "real_model.json").read_text())
+    assert set(real["rows"]) == set("pbcd") and real["b_over_p"] == real["rows"]["b"]["median_s"] / real["rows"]["p"]["median_s"]
     assert "| correctness | ok |" in (out / "summary.md").read_text()

@@ -48,6 +48,7 @@ def test_bf16_auto_follows_the_cpus_bf16_hardware_and_says_why(monkeypatch, capl
     expected = [name for name, flag in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16")) if flag in flags]
     assert ds_config.cpu_bf16_units() == expected
     monkeypatch.delenv(ds_config.AUTO_BF16_VARIABLE)
+    monkeypatch.setattr(ds_config, "_SAID", set())
     for units, enabled, reason in ((["AMX"], True, "bf16 base: this CPU computes bf16 in hardware (AMX)"),
                                    ([], False, "fp32: this CPU has no bf16 hardware")):
         monkeypatch.setattr(ds_config, "cpu_bf16_units", lambda units=units: units)
