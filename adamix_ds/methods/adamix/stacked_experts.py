@@ -22,7 +22,7 @@ def select_experts(stack: torch.Tensor, choice: Choice) -> torch.Tensor:
         return stack
     if len(choice) == 1:
         return stack[choice[0]].unsqueeze(0)
-    return torch.stack([stack[i] for i in choice])
+    return stack.index_select(0, torch.tensor(choice, device=stack.device))  # one op for any number of groups
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -97,6 +97,8 @@ class StochasticRouter:
     forwards: int = 0
     record: list | None = field(default=None, repr=False)
     row_keys: list | None = field(default=None, repr=False)
+    keyed_choices: dict = field(default_factory=dict, repr=False)
+    """(slot, side) -> the keyed rows' experts, within one keyed_rows block."""
     counts: collections.Counter = field(default_factory=collections.Counter, repr=False)
     """Training choices per (slot, side, expert), for diagnostics; whoever reads them resets them."""
     noted: dict = field(default_factory=dict, repr=False)
@@ -127,7 +129,12 @@ class StochasticRouter:
             if self.row_keys is not None:
                 if len(self.row_keys) != batch_size:
                     raise ValueError(f"{len(self.row_keys)} row keys for a batch of {batch_size} rows")
-                return [draw_expert(num_experts, self.seed, _EXAMPLE_DOMAIN, key, slot, side) for key in self.row_keys]
+                known = self.keyed_choices.get((slot, side))
+                if known is None:  # the same on every forward of the block: drawn once, not once per token
+                    known = [draw_expert(num_experts, self.seed, _EXAMPLE_DOMAIN, key, slot, side)
+                             for key in self.row_keys]
+                    self.keyed_choices[(slot, side)] = known
+                return known
             return [
                 draw_expert(num_experts, self.seed, _EVAL_DOMAIN, self.forwards, row, slot, side)
                 for row in range(batch_size)
@@ -146,11 +153,12 @@ class StochasticRouter:
     @contextlib.contextmanager
     def keyed_rows(self, keys: Sequence[int]):
         """Within the block, random-mode row r routes by keys[r] (e.g. its index in the evaluation set)."""
-        saved, self.row_keys = self.row_keys, list(keys)
+        saved = self.row_keys, self.keyed_choices
+        self.row_keys, self.keyed_choices = list(keys), {}
         try:
             yield self
         finally:
-            self.row_keys = saved
+            self.row_keys, self.keyed_choices = saved
 
     def set_eval_mode(self, mode: str) -> None:
         if mode not in EVAL_MODES:
