@@ -176,7 +176,17 @@ def peft_lora(model):
     return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
 
 
-class PlainLoopRow:
+class OwnModelRow:
+    """A row on a model of its own: nothing to attach to the shared base or take off it between visits."""
+
+    def enter(self) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+
+class PlainLoopRow(OwnModelRow):
     """The anchor: what a user writes instead of any trainer. The fp32 model with PEFT's LoRA under bf16 autocast
     where the run is bf16 (the usual mixed precision: fp32 weights and optimizer), stepped by torch's AdamW."""
 
@@ -184,12 +194,6 @@ class PlainLoopRow:
         self.model = peft_lora(whole_model(args, torch.float32)).to(device)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         self.device_type, self.bf16 = device.type, bf16
-
-    def enter(self) -> None:
-        pass
-
-    def leave(self) -> None:
-        pass
 
     def step(self, ids: torch.Tensor) -> None:
         self.model.train()
@@ -200,7 +204,7 @@ class PlainLoopRow:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-class PeftRow:
+class PeftRow(OwnModelRow):
     """PEFT's LoRA on its own base, in a standard DeepSpeed ZeRO-3 engine."""
 
     def __init__(self, args, ds_config: dict) -> None:
@@ -216,12 +220,6 @@ class PeftRow:
                                               "stage3_gather_16bit_weights_on_model_save": True}
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-4),
                                                config=engine_config)
-
-    def enter(self) -> None:
-        pass
-
-    def leave(self) -> None:
-        pass
 
     def step(self, ids: torch.Tensor) -> None:
         self.engine.train()

@@ -103,7 +103,7 @@ def cpu_bf16_units() -> list[str]:
 
 def auto_bf16() -> tuple[bool, str]:
     """What bf16 "auto" becomes here, and why: on where bf16 is fast, a CUDA device with bf16 or a CPU that computes
-    bf16 in hardware. On a 2-core AMX CPU a SmolLM2-135M LoRA step took 0.8 of its fp32 time (README: Benchmarks)."""
+    bf16 in hardware. On a 2-core AMX CPU a SmolLM2-135M LoRA step took 0.60 of its fp32 time (README: Benchmarks)."""
     chosen = os.environ.get(AUTO_BF16_VARIABLE, "")
     if chosen in ("0", "1"):
         return chosen == "1", f"{AUTO_BF16_VARIABLE}={chosen}"
