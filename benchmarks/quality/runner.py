@@ -242,6 +242,9 @@ class QualityStudy:
                    "served_parameters": records[0]["parameters"]["served"],
                    "trained_parameters": records[0]["parameters"]["trained"], "options": first.method.options}
             row["dev_loss"] = _stat([_final_loss(r["final_eval"], mode) for r in records])
+            spread = [final_expert_divergence(r["history"]) for r in records]
+            if None not in spread:
+                row["expert_divergence"] = _stat(spread)
             for split in ("dev", "test"):
                 for metric in scores[0][f"{mode}/{split}"]:
                     if metric in ("examples", "seconds"):
@@ -301,6 +304,16 @@ def run_side_by_side(function, items: list, workers: int) -> list:
 def _stat(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
+
+
+def final_expert_divergence(history: list[dict]) -> float | None:
+    """The experts' spread at the end of training: the mean over layers of the last logged experts/divergence (mean
+    pairwise cosine distance of each layer's experts; 0 where they are identical); None without experts."""
+    last = next((h for h in reversed(history) if any(k.startswith("experts/divergence/") for k in h)), None)
+    if last is None:
+        return None
+    values = [v for k, v in last.items() if k.startswith("experts/divergence/")]
+    return sum(values) / len(values)
 
 
 def _final_loss(final_eval: dict, mode: str) -> float:

@@ -326,6 +326,8 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
     assert sweep["base"]["sha256"] == hashlib.sha256(smollm2_file.read_bytes()).hexdigest()
     assert [r["method"] for r in sweep["rows"]] == ["lora(lr=0.0004)", "adamix-lora(lr=0.0004,cw=1,M=4)"]
     assert sweep["chosen"]["adamix-lora"]["options"]["expert_init"] == "identical"
+    # The experts' spread at the end (identical at the start): AdaMix's runs only.
+    assert "expert_divergence" not in sweep["rows"][0] and sweep["rows"][1]["expert_divergence"]["mean"] > 0
     # LoRA r 4 on q (576 -> 576) and v (576 -> 192) in 30 layers, whatever the number of experts.
     assert {r["served_parameters"] for r in sweep["rows"]} == {4 * (576 + 576 + 576 + 192) * 30}
     supersense = json.loads((work / "parts" / "supersense.json").read_text())
