@@ -1,7 +1,7 @@
 """The GPU check: bf16 correctness, speed and the merge on one GPU, within a hard budget of 8 minutes.
 
     python benchmarks/gpu_wheels.py                        # once, where pip can download: the wheels it lacks
-    python benchmarks/gpu_check.py --out gpu-check         # on the GPU node (README: "The GPU check")
+    python benchmarks/gpu_check.py --out gpu-check         # on the GPU node (docs/gpu-check.md)
     python benchmarks/gpu_check.py --out /tmp/check --cpu  # fast CPU mode: tiny models, seconds (the tests run it)
 
 Installs what the GPU machine lacks from .gpu_wheels/ offline and the project without its dependencies, then

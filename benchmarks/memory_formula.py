@@ -1,4 +1,4 @@
-"""Per-rank memory of a mixture run under ZeRO-3, from the model's shapes: the README's formula, for Llama-3 8B
+"""Per-rank memory of a mixture run under ZeRO-3, from the model's shapes: docs/memory.md's formula, for Llama-3 8B
 and 70B at 8 and 64 ranks, and for large:llama at 2 ranks beside what benchmarks/zero3_memory.py measured.
 
     python benchmarks/memory_formula.py [--method adamix-lora] [--seq 4096] [--micro 1]

@@ -1,4 +1,4 @@
-"""The quality study: does the mixture beat LoRA at equal served parameters? (README: Quality study)
+"""The quality study: does the mixture beat LoRA at equal served parameters? (docs/quality.md)
 
 python benchmarks/quality_study.py --preset cpu      # about an hour on 2 CPU cores
 python benchmarks/quality_study.py --preset gpu      # one GPU

@@ -3,7 +3,7 @@ loss of the default task's completions, unquantized against --quantization_bit 4
 
     python benchmarks/quantization_error.py [--model_name_or_path shipped:restaurants] [--examples 100]
 
-Writes benchmarks/results/quantization_error.json; the README's table comes from it.
+Writes benchmarks/results/quantization_error.json; docs/memory.md's table comes from it.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def cpu_bf16_units() -> list[str]:
 
 def auto_bf16() -> tuple[bool, str]:
     """What bf16 "auto" becomes here, and why: on where bf16 is fast, a CUDA device with bf16 or a CPU that computes
-    bf16 in hardware. On a 2-core AMX CPU a SmolLM2-135M LoRA step took 0.60 of its fp32 time (README: Benchmarks)."""
+    bf16 in hardware. On a 2-core AMX CPU a SmolLM2-135M LoRA step took 0.60 of its fp32 time (docs/benchmarks.md)."""
     chosen = os.environ.get(AUTO_BF16_VARIABLE, "")
     if chosen in ("0", "1"):
         return chosen == "1", f"{AUTO_BF16_VARIABLE}={chosen}"
@@ -251,7 +251,7 @@ def resolve_layer_sized(config: dict, layer_numel: int) -> None:
     The coordinator keeps a released weight gathered when it is used again within max_reuse_distance parameters,
     as long as fewer than max_live_parameters are gathered. At DeepSpeed's 1e9 every weight of a base under 1B
     parameters qualifies (each is used again in the backward), so the whole base stays gathered from the second
-    step on and ZeRO-3 holds more than a replicated base (measured on large:llama, README: Per-rank memory). Two
+    step on and ZeRO-3 holds more than a replicated base (measured on large:llama, docs/memory.md). Two
     layers bound the gathered working set to the running layer and the next, and still keep the last layer
     gathered from its forward into the backward that follows at once. A 70B layer is close to 1e9 already.
     """

@@ -4,7 +4,7 @@ ZeRO-3 gathers and frees every weight of the base once or twice a step. glibc's 
 its mmap threshold with its own mapping, returned at free, but it raises that threshold to the size of each such
 block freed (up to 32 MB), so from then on gathers of up to 32 MB come from the heap, and the heap keeps what is
 freed in it. On large:llama's 16 MB attention weights that is about 2 GB of resident memory per rank that no tensor
-uses (README: Per-rank memory). Fixing the threshold stops the rise.
+uses (docs/memory.md). Fixing the threshold stops the rise.
 """
 
 from __future__ import annotations

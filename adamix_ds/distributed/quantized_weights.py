@@ -66,7 +66,7 @@ def keep_storage_layout(model: nn.Module) -> None:
 def detach_from_checkpoint(model: nn.Module) -> None:
     """Copy the unquantized weights (embeddings, norms, head) of a base quantized onto the CPU. They are loaded as
     views of the memory-mapped checkpoint, which keeps the whole file's pages mapped and counted in the process's
-    resident memory (1.3 GB more per rank for large:llama's 1.9 GB file: README, Per-rank memory)."""
+    resident memory (1.3 GB more per rank for large:llama's 1.9 GB file: docs/memory.md)."""
     quantized = {id(module.weight) for module in quantized_linears(model).values()}
     for param in model.parameters():
         if id(param) not in quantized:

@@ -1,6 +1,6 @@
 """The frozen base model under ZeRO-3: created or loaded already partitioned, gathered layer by layer.
 
-Design (see README, "How the ZeRO-3 arrangement works"): a ZeRO-3 engine partitions every parameter
+Design (see docs/architecture.md): a ZeRO-3 engine partitions every parameter
 in its module, trainable or not, with the optimizer state. The mixtures must stay whole and
 replicated, so they are kept out of the ZeRO-managed tree: the base alone is created under
 zero.Init (through transformers' HfDeepSpeedConfig) and DeepSpeed's ZeRO-3 parameter coordinator

@@ -389,7 +389,7 @@ class Trainer:
                 prompt = f" --prompt {shlex.quote(text)}"
             steps.append(f"python launch/generate.py --model_path {merged['model']}{prompt}")
         steps.append("deepspeed launch/train.py --deepspeed ds_configs/zero3.json --model_name_or_path YOUR_MODEL "
-                     "--data_path YOUR_DATA.jsonl   (README: Running on real models)")
+                     "--data_path YOUR_DATA.jsonl   (README: Train on your own model and data)")
         logger.info("next:\n  %s", "\n  ".join(steps))
 
     def close(self) -> None:

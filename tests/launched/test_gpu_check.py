@@ -1,5 +1,5 @@
 """The GPU check script in its CPU mode: every part runs in its own process and reports, so the script is known
-to work before a GPU is available (the GPU run itself: README, "The GPU check")."""
+to work before a GPU is available (the GPU run itself: docs/gpu-check.md)."""
 
 import json
 import subprocess

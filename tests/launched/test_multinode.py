@@ -170,7 +170,7 @@ def test_resume_auto_continues_on_both_hosts(runs):
 
 
 KILLED_HOST_BOUND_S = 10
-"""The README's bound for a killed rank on one host ending the other (measured 4-5 s)."""
+"""docs/clusters.md's bound for a killed rank on one host ending the other (measured 4-5 s)."""
 
 
 def test_killing_the_rank_on_one_host_ends_the_job_on_the_other(hosts, hostfile, workspace, tmp_path):

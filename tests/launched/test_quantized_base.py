@@ -77,7 +77,7 @@ def test_routed_method_trains_on_a_built_in_8bit_base_partitioned_by_zero3(runs)
 
 def test_merged_model_is_the_dequantized_base_plus_the_adapter_peft_loads(runs, workspace):
     """merged/model = dequantize(4-bit base) + averaged delta; PEFT applies the same delta to the unquantized
-    base, so the two differ by the quantization error alone (the README's statement)."""
+    base, so the two differ by the quantization error alone (docs/memory.md's statement)."""
     from transformers import BitsAndBytesConfig
 
     peft = pytest.importorskip("peft")

@@ -172,7 +172,7 @@ def test_bad_configuration_fails_fast_with_one_line_and_code_2(case, message, tm
 
 
 KILLED_RANK_BOUND_S = 60
-"""The README's bound for a killed rank ending the job on one host (launcher and every rank gone)."""
+"""docs/reliability.md's bound for a killed rank ending the job on one host (launcher and every rank gone)."""
 
 
 def _ranks(launcher_pid: int) -> dict:
@@ -188,7 +188,7 @@ def _ranks(launcher_pid: int) -> dict:
 
 
 def test_a_killed_rank_ends_the_job_and_resume_continues(tmp_path):
-    """SIGKILL one of 2 ranks mid-training: the launcher and the other rank exit within the README's bound, checked
+    """SIGKILL one of 2 ranks mid-training: the launcher and the other rank exit within docs/reliability.md's bound, checked
     before anything is cleaned up; then --resume_from_checkpoint auto continues from the last complete checkpoint."""
     import os
     import signal

@@ -104,7 +104,7 @@ def test_dequantized_weight_is_what_the_layer_multiplies_by(base_dir):
 
 def test_8bit_weights_read_back_within_half_a_quantization_step(base_dir):
     """LLM.int8 rounds each row, taken in fp16, to 127 steps of its largest magnitude (the layer's forward also
-    quantizes the activations, so its output is not x @ W^T exactly: the README says so)."""
+    quantizes the activations, so its output is not x @ W^T exactly: docs/memory.md says so)."""
     from transformers import AutoModelForCausalLM
 
     original = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
