@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +79,17 @@ class RealModelStudy(QualityStudy):
         self.task_files = wordnet_tasks.write_task_files(self.work_dir / "tasks", self.preset.sizes,
                                                          self.data_dir / "wordnet-splits.json", self.wordnet_dir)
 
+    _base_lock = threading.Lock()
+
     def pretrain(self) -> Path:
-        """The packaged SmolLM2 dequantized once into WORK_DIR/base (fp32 safetensors, its tokenizer and template)."""
-        base = self.work_dir / "base"
-        if not (base / "config.json").is_file():
+        """Where the packaged SmolLM2 is dequantized once (WORK_DIR/base: fp32 safetensors, its tokenizer and
+        template), by `ready_base` when a run first has to train: a study restored from kept runs never reads the GGUF."""
+        return self.work_dir / "base"
+
+    def ready_base(self, base: Path) -> Path:
+        with self._base_lock:
+            if (base / "config.json").is_file():
+                return base
             import torch
 
             from adamix_ds.arguments import ModelArguments
@@ -93,7 +101,7 @@ class RealModelStudy(QualityStudy):
             load_tokenizer(args).save_pretrained(partial)
             (partial / "source.json").write_text(json.dumps(base_digest(), indent=2) + "\n")
             partial.replace(base)
-        return base
+            return base
 
     def _ds_config(self, name: str = "zero2.json") -> Path:
         """The shipped config with bf16 on where the CPU computes it in hardware (AMX/AVX512-BF16), as the issue's

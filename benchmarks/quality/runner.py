@@ -108,6 +108,10 @@ class QualityStudy:
         self._launch(options, out / "train.log", ranks=p.pretrain_ranks, threads=max(1, os.cpu_count() // p.pretrain_ranks))
         return base
 
+    def ready_base(self, base: Path) -> Path:
+        """The base, ready for a run that must train: a study whose base is made on first need makes it here."""
+        return base
+
     def jobs(self) -> list[Job]:
         return [Job(task, method, seed) for task in self.tasks for method in self.methods for seed in self.preset.seeds]
 
@@ -122,6 +126,7 @@ class QualityStudy:
             return json.loads(scores_path.read_text())
         if out.exists():
             shutil.rmtree(out)  # an unfinished earlier attempt
+        base = self.ready_base(base)
         files = self.task_files[job.task]
         train = files["train"] if job.train_size is None else self.train_subset(job.task, job.train_size)
         steps = job.steps or p.finetune_steps

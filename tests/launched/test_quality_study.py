@@ -312,7 +312,8 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
     """The real-model preset end to end on the packaged SmolLM2 (a few steps): the base is read from its GGUF once,
     the sweep picks among its candidates on dev loss, the supersense part pairs AdaMix with LoRA seed by seed, and a
     second invocation reuses every finished run; a third, in a fresh work directory, restores every run from the
-    records kept with --keep_runs (a study committed run by run and resumed on another machine)."""
+    records kept with --keep_runs (a study committed run by run and resumed on another machine) without converting
+    the base."""
     import hashlib
 
     work, kept = tmp_path / "work", tmp_path / "kept"
@@ -350,5 +351,6 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
     restored = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
     assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-3000:]
     assert not list((elsewhere / "runs").rglob("train.log"))
+    assert not (elsewhere / "base").exists()  # nothing trained, so the GGUF was never converted
     again = json.loads((elsewhere / "parts" / "supersense.json").read_text())
     assert again["rows"] == supersense["rows"]
