@@ -193,7 +193,25 @@ class RealModelParts(ExtendedStudy):
 
     def part_sweep(self) -> dict:
         sweep = self.sweep()
-        return {**sweep, "chosen": {k: dataclasses.asdict(m) for k, m in sweep["chosen"].items()}}
+        return {**sweep, "chosen": {k: dataclasses.asdict(m) for k, m in sweep["chosen"].items()},
+                "samples": self.samples(sweep["chosen"], sweep["steps"])}
+
+    def samples(self, methods: dict[str, StudyMethod], steps: int, count: int = 5) -> dict:
+        """The first `count` test synsets' definitions by each method as served (its first mode), first seed, beside
+        the prompt and the reference; a method whose predictions are not at hand (a run restored from records kept
+        before predictions were) is left out."""
+        with open(self.study.task_files["definition"]["test"]) as handle:
+            test = [json.loads(line) for line, _ in zip(handle, range(count))]
+        out = {"prompts": [t["prompt"] for t in test], "references": [t["completion"].strip() for t in test],
+               "definitions": {}}
+        for label, method in methods.items():
+            run = self.study.work_dir / "runs" / Job("definition", method, self.seeds[0], steps=steps).name
+            path = run / f"predictions-{method.modes[0]}-test.jsonl"
+            if path.is_file():
+                with open(path) as handle:
+                    predicted = {p["key"]: p["prediction"].strip() for p in map(json.loads, handle)}
+                out["definitions"][method.name] = [predicted[t["key"]] for t in test]
+        return out
 
     def part_budget(self) -> dict:
         chosen = self.sweep()["chosen"]
@@ -292,6 +310,7 @@ def markdown(results: dict) -> str:
                       for _, key, digits in columns]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        lines += samples_table(result.get("samples"))
         for name, comparison in result.get("comparisons", {}).items():
             equal = "; ".join(f"{steps} steps {d['mean']:+.2f} ± {d['std']:.2f}"
                               for steps, d in comparison["equal_steps"].items())
@@ -300,6 +319,19 @@ def markdown(results: dict) -> str:
                       f"{best['lora_steps']}, AdaMix {best['adamix_steps']} steps) "
                       f"{best['difference']['mean']:+.2f} ± {best['difference']['std']:.2f}.", ""]
     return "\n".join(lines) + "\n"
+
+
+def samples_table(samples: dict | None) -> list[str]:
+    """The samples as a markdown table, a row per test synset, a column per method."""
+    if not samples or not samples["definitions"]:
+        return []
+    methods = list(samples["definitions"])
+    lines = ["Test definitions, first seed (greedy):", "", "| prompt | reference | " + " | ".join(methods) + " |",
+             "|" + "---|" * (len(methods) + 2)]
+    for i, prompt in enumerate(samples["prompts"]):
+        cells = [prompt, samples["references"][i], *(samples["definitions"][m][i] for m in methods)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return lines + [""]
 
 
 def plot_budget(result: dict, path: Path) -> Path:

@@ -30,6 +30,9 @@ from .scoring import HEADLINE
 
 logger = logging.getLogger("adamix_ds.study")
 RUN_RECORDS = ("run.json", "scores.json")
+KEPT_PREDICTIONS = "predictions-*-test.jsonl"
+"""Kept beside a run's records and restored with them where present: the served test predictions (about 35 KB for a
+definition run), for the report's samples and any later paired analysis."""
 """What a finished run leaves that the tables read: the trainer's record (final and periodic dev loss, parameter
 counts, step times) and the scores of its served models."""
 BENCHMARKS = Path(__file__).resolve().parent.parent
@@ -181,8 +184,8 @@ class QualityStudy:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        for name in RUN_RECORDS:
-            shutil.copy2(kept / name, out / name)
+        for path in [kept / name for name in RUN_RECORDS] + sorted(kept.glob(KEPT_PREDICTIONS)):
+            shutil.copy2(path, out / path.name)
         return True
 
     def _keep(self, job: Job, out: Path) -> None:
@@ -190,8 +193,8 @@ class QualityStudy:
             return
         kept = self.keep_runs / job.name
         kept.mkdir(parents=True, exist_ok=True)
-        for name in RUN_RECORDS:
-            shutil.copy2(out / name, kept / name)
+        for path in [out / name for name in RUN_RECORDS] + sorted(out.glob(KEPT_PREDICTIONS)):
+            shutil.copy2(path, kept / path.name)
 
     def learning_rate(self, method: StudyMethod) -> float:
         """The method's own learning_rate option, else the preset's for its name or --method, else the default."""

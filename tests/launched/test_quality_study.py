@@ -331,6 +331,16 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
     assert "expert_divergence" not in sweep["rows"][0] and sweep["rows"][1]["expert_divergence"]["mean"] > 0
     # LoRA r 4 on q (576 -> 576) and v (576 -> 192) in 30 layers, whatever the number of experts.
     assert {r["served_parameters"] for r in sweep["rows"]} == {4 * (576 + 576 + 576 + 192) * 30}
+    # Five test definitions per chosen method, matched to the test synsets by key (AdaMix served merged).
+    test = [json.loads(line) for line in (work / "tasks" / "definition" / "test.jsonl").read_text().splitlines()][:5]
+    samples = sweep["samples"]
+    assert samples["references"] == [t["completion"].strip() for t in test]
+    assert list(samples["definitions"]) == ["lora(lr=0.0004)", "adamix-lora(lr=0.0004,cw=1,M=4)"]
+    for method, mode in zip(samples["definitions"], ("model", "merged")):
+        served = work / "runs" / "definition" / method / f"steps-{sweep['steps']}" / "seed-0" / f"predictions-{mode}-test.jsonl"
+        predicted = {p["key"]: p["prediction"].strip() for p in map(json.loads, served.read_text().splitlines())}
+        assert samples["definitions"][method] == [predicted[t["key"]] for t in test]
+    assert "| prompt | reference | lora(lr=0.0004) |" in (work / "parts" / "results.md").read_text()
     supersense = json.loads((work / "parts" / "supersense.json").read_text())
     lora, adamix = supersense["rows"]
     assert lora["seeds"] == adamix["seeds"] == [0, 1]
@@ -354,3 +364,4 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
     assert not (elsewhere / "base").exists()  # nothing trained, so the GGUF was never converted
     again = json.loads((elsewhere / "parts" / "supersense.json").read_text())
     assert again["rows"] == supersense["rows"]
+    assert json.loads((elsewhere / "parts" / "sweep.json").read_text())["samples"] == samples  # kept predictions
