@@ -299,7 +299,7 @@ def markdown(results: dict) -> str:
                ("test ranked", "test/ranked_accuracy", 1), ("expert spread", "expert_divergence", 4)]
     lines = []
     for part, result in results.items():
-        lines += [f"**{part}** ({result['seconds'] / 60:.0f} min; base {result['base']['file']}, sha256 "
+        lines += [f"**{part}** ({run_time(result['rows'])}; base {result['base']['file']}, sha256 "
                   f"{result['base']['sha256'][:12]})", ""]
         head = ["method", "task", "size", "steps", "seeds", "served params"] + [name for name, _, _ in columns]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -319,6 +319,15 @@ def markdown(results: dict) -> str:
                       f"{best['lora_steps']}, AdaMix {best['adamix_steps']} steps) "
                       f"{best['difference']['mean']:+.2f} ± {best['difference']['std']:.2f}.", ""]
     return "\n".join(lines) + "\n"
+
+
+def run_time(rows: list[dict]) -> str:
+    """The part's runs' training and scoring time, all seeds (a run restored from records kept before timings were
+    has none and is counted apart)."""
+    configs = {(r["method"], r["task"], r["steps"], r["train_size"]): r.get("run_seconds") for r in rows}
+    known = [s for s in configs.values() if s is not None]
+    text = f"runs {sum(known) / 60:.0f} min"
+    return text + (f", {len(configs) - len(known)} configurations untimed" if len(known) < len(configs) else "")
 
 
 def samples_table(samples: dict | None) -> list[str]:

@@ -30,9 +30,9 @@ from .scoring import HEADLINE
 
 logger = logging.getLogger("adamix_ds.study")
 RUN_RECORDS = ("run.json", "scores.json")
-KEPT_PREDICTIONS = "predictions-*-test.jsonl"
-"""Kept beside a run's records and restored with them where present: the served test predictions (about 35 KB for a
-definition run), for the report's samples and any later paired analysis."""
+KEPT_EXTRAS = ("timing.json", "predictions-*-test.jsonl")
+"""Kept beside a run's records and restored with them where present: the run's training and scoring seconds, and the
+served test predictions (about 35 KB for a definition run), for the report's samples and any later paired analysis."""
 """What a finished run leaves that the tables read: the trainer's record (final and periodic dev loss, parameter
 counts, step times) and the scores of its served models."""
 BENCHMARKS = Path(__file__).resolve().parent.parent
@@ -57,6 +57,10 @@ class Job:
         variant = "".join(f"/{key}-{value}" for key, value in (("steps", self.steps), ("train", self.train_size))
                           if value is not None)
         return f"{self.task}/{self.method.name}{variant}/seed-{self.seed}"
+
+
+def _extras(run: Path) -> list[Path]:
+    return [path for pattern in KEPT_EXTRAS for path in sorted(run.glob(pattern))]
 
 
 def _flags(options: dict) -> list[str]:
@@ -150,9 +154,10 @@ class QualityStudy:
                    "--split", f"dev={files['dev']}", "--split", f"test={files['test']}"]
         self._run(command, out / "score.log", threads=p.threads_per_job)
         scores = json.loads(scores_path.read_text())
+        timing = {"train_s": trained, "score_s": time.perf_counter() - start - trained}
+        (out / "timing.json").write_text(json.dumps(timing) + "\n")
         self._keep(job, out)
-        logger.info("%s: trained in %.0f s, scored in %.0f s: %s", job.name, trained,
-                    time.perf_counter() - start - trained,
+        logger.info("%s: trained in %.0f s, scored in %.0f s: %s", job.name, timing["train_s"], timing["score_s"],
                     {k: round(v[HEADLINE[job.task]], 2) for k, v in scores.items()})
         return scores
 
@@ -184,7 +189,7 @@ class QualityStudy:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        for path in [kept / name for name in RUN_RECORDS] + sorted(kept.glob(KEPT_PREDICTIONS)):
+        for path in [kept / name for name in RUN_RECORDS] + _extras(kept):
             shutil.copy2(path, out / path.name)
         return True
 
@@ -193,7 +198,7 @@ class QualityStudy:
             return
         kept = self.keep_runs / job.name
         kept.mkdir(parents=True, exist_ok=True)
-        for path in [out / name for name in RUN_RECORDS] + sorted(out.glob(KEPT_PREDICTIONS)):
+        for path in [out / name for name in RUN_RECORDS] + _extras(out):
             shutil.copy2(path, kept / path.name)
 
     def learning_rate(self, method: StudyMethod) -> float:
@@ -250,6 +255,9 @@ class QualityStudy:
                    "served_parameters": records[0]["parameters"]["served"],
                    "trained_parameters": records[0]["parameters"]["trained"], "options": first.method.options}
             row["dev_loss"] = _stat([_final_loss(r["final_eval"], mode) for r in records])
+            timings = [r / "timing.json" for r in runs]
+            if all(t.is_file() for t in timings):
+                row["run_seconds"] = sum(sum(json.loads(t.read_text()).values()) for t in timings)
             spread = [final_expert_divergence(r["history"]) for r in records]
             if None not in spread:
                 row["expert_divergence"] = _stat(spread)
