@@ -344,12 +344,14 @@ def samples_table(samples: dict | None) -> list[str]:
 
 
 def plot_budget(result: dict, path: Path) -> Path:
-    """Dev loss and dev ROUGE-L (mean ± standard deviation over seeds) against training steps, LoRA and AdaMix, one
-    panel pair per training-set size."""
+    """Dev loss and dev ROUGE-L (mean ± standard deviation over seeds) at the end of each budget's runs, LoRA and
+    AdaMix, one panel pair per training-set size; dashed, the dev loss during each method's longest runs (mean over
+    seeds), which shows where it turns up within one schedule."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     sizes = sorted({r["size"] for r in result["rows"]})
     figure, axes = plt.subplots(len(sizes), 2, figsize=(10, 3.6 * len(sizes)), squeeze=False)
@@ -361,9 +363,18 @@ def plot_budget(result: dict, path: Path) -> Path:
         for axis, key, label in zip(row_axes, ("dev_loss", "dev/rougeL"), ("dev loss", "dev ROUGE-L")):
             for method, rows in series.items():
                 rows = sorted(rows, key=lambda r: r["steps"])
-                axis.errorbar([r["steps"] for r in rows], [r[key]["mean"] for r in rows],
-                              yerr=[r[key]["std"] for r in rows], marker="o", capsize=3, label=method)
+                drawn = axis.errorbar([r["steps"] for r in rows], [r[key]["mean"] for r in rows],
+                                      yerr=[r[key]["std"] for r in rows], marker="o", capsize=3, label=method)
+                curves = result.get("dev_loss_curves", {}).get(f"{method}/{size}/{rows[-1]['steps']}")
+                if key == "dev_loss" and curves:
+                    steps = sorted(set.intersection(*({s for s, _ in c} for c in curves)) - {0})
+                    means = [sum(dict(c)[s] for c in curves) / len(curves) for s in steps]
+                    axis.plot(steps, means, linestyle="--", linewidth=1, color=drawn.lines[0].get_color(),
+                              label=f"{method}, during its {rows[-1]['steps']}-step runs")
             axis.set_xscale("log")
+            axis.set_xticks(sorted({r["steps"] for rows in series.values() for r in rows}))
+            axis.xaxis.set_major_formatter(ScalarFormatter())
+            axis.xaxis.set_minor_formatter(NullFormatter())
             axis.set_xlabel(f"steps ({size} training set)")
             axis.set_ylabel(label)
         row_axes[0].legend(fontsize=7)
