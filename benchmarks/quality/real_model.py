@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +82,8 @@ class RealModelStudy(QualityStudy):
 
     def pretrain(self) -> Path:
         """Where the packaged SmolLM2 is dequantized once (WORK_DIR/base: fp32 safetensors, its tokenizer and
-        template), by `ready_base` when a run first has to train: a study restored from kept runs never reads the GGUF."""
+        template), by `ready_base` when a run first has to train: a study restored from kept runs never reads the
+        GGUF."""
         return self.work_dir / "base"
 
     def ready_base(self, base: Path) -> Path:
@@ -217,20 +217,25 @@ class RealModelParts(ExtendedStudy):
         chosen = self.sweep()["chosen"]
         lora, adamix = chosen["lora"], chosen["adamix-lora"]
         sizes = {"full": (self.settings.full_train, self.settings.lora_epochs), "small": (self.settings.small_train, self.settings.small_epochs)}
-        rows, curves = [], {}
+        plan = []
         for size_name, (train, epochs) in sizes.items():
             for method, ladder in ((lora, epochs), (adamix, (*epochs, 4 * epochs[-1]))):
                 for e in ladder:
                     steps = _steps(e, train, self.batch)
                     job = {"steps": steps, "train_size": train if size_name == "small" else None,
                            "eval_steps": max(1, steps // self.settings.curve_points)}
-                    found = self._seeds(method, **job)
-                    for row in found:
-                        row["epochs"], row["size"] = e, size_name
-                    rows += found
-                    runs = [self.study.work_dir / "runs" / Job("definition", method, seed, **job).name
-                            for seed in self.seeds]
-                    curves[f"{method.name}/{size_name}/{steps}"] = [dev_loss_curve(r) for r in runs]
+                    plan.append((size_name, e, method, job))
+        # Seed by seed, so that a study stopped part-way has every budget of its first seeds.
+        self._run([Job("definition", method, seed, **job) for seed in self.seeds for _, _, method, job in plan])
+        rows, curves = [], {}
+        for size_name, e, method, job in plan:
+            jobs = [Job("definition", method, seed, **job) for seed in self.seeds]
+            found = self.study.rows(jobs)
+            for row in found:
+                row["epochs"], row["size"] = e, size_name
+            rows += found
+            curves[f"{method.name}/{size_name}/{job['steps']}"] = [dev_loss_curve(self.study.work_dir / "runs" / j.name)
+                                                                  for j in jobs]
         return {"rows": rows, "dev_loss_curves": curves, "comparisons": comparisons(rows)}
 
     def part_supersense(self) -> dict:

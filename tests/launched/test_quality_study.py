@@ -337,14 +337,15 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
     assert samples["references"] == [t["completion"].strip() for t in test]
     assert list(samples["definitions"]) == ["lora(lr=0.0004)", "adamix-lora(lr=0.0004,cw=1,M=4)"]
     for method, mode in zip(samples["definitions"], ("model", "merged")):
-        served = work / "runs" / "definition" / method / f"steps-{sweep['steps']}" / "seed-0" / f"predictions-{mode}-test.jsonl"
+        run = work / "runs" / "definition" / method / f"steps-{sweep['steps']}" / "seed-0"
+        served = run / f"predictions-{mode}-test.jsonl"
         predicted = {p["key"]: p["prediction"].strip() for p in map(json.loads, served.read_text().splitlines())}
         assert samples["definitions"][method] == [predicted[t["key"]] for t in test]
     assert "| prompt | reference | lora(lr=0.0004) |" in (work / "parts" / "results.md").read_text()
     timings = [json.loads(p.read_text()) for p in (work / "runs").rglob("timing.json")]
     assert len(timings) == 6 and all(t["train_s"] > 0 and t["score_s"] > 0 for t in timings)
-    assert sweep["rows"][0]["run_seconds"] == pytest.approx(sum(
-        sum(json.loads(p.read_text()).values()) for p in (work / "runs" / "definition" / "lora(lr=0.0004)").rglob("timing.json")))
+    lora_runs = (work / "runs" / "definition" / "lora(lr=0.0004)").rglob("timing.json")
+    assert sweep["rows"][0]["run_seconds"] == pytest.approx(sum(sum(json.loads(p.read_text()).values()) for p in lora_runs))
     supersense = json.loads((work / "parts" / "supersense.json").read_text())
     lora, adamix = supersense["rows"]
     assert lora["seeds"] == adamix["seeds"] == [0, 1]
@@ -369,3 +370,54 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
     again = json.loads((elsewhere / "parts" / "supersense.json").read_text())
     assert again["rows"] == supersense["rows"]
     assert json.loads((elsewhere / "parts" / "sweep.json").read_text())["samples"] == samples  # kept predictions
+
+
+def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
+    """The real-model budget part with a stand-in for training: every budget of a seed runs before the next seed
+    starts (a study stopped part-way has whole seeds), the ladders are the preset's (LoRA 25/50/100 steps on 8,000
+    synsets and 62/125/250 on 1,000; AdaMix adds four times the longest), and the comparisons pair AdaMix with LoRA
+    seed by seed, at equal steps and each at its lowest dev loss."""
+    from types import SimpleNamespace
+
+    from quality.real_model import REAL_PRESETS, RealModelParts
+
+    preset, settings = REAL_PRESETS["smollm2"]
+    ran = []
+
+    def score(job):  # AdaMix is worse by 0.01 per seed number at equal steps, and better at its longest budget
+        adamix = job.method.name.startswith("adamix")
+        return 20 + job.steps / 100 + (0.5 if adamix and job.steps in (400, 1000) else -0.01 * job.seed * adamix)
+
+    def run_job(job, base):
+        ran.append(job)
+        out = tmp_path / "runs" / job.name
+        out.mkdir(parents=True)
+        steps = sorted({*range(0, job.steps, job.eval_steps), job.steps})
+        curve = [{"step": s, "eval/merged/loss": 4 - s / 1000 - job.seed / 10} for s in steps]
+        (out / "run.json").write_text(json.dumps({"history": curve}))
+
+    def rows(jobs):
+        values = [score(j) for j in jobs]
+        return [{"method": jobs[0].method.name, "steps": jobs[0].steps, "seeds": [j.seed for j in jobs],
+                 "dev_loss": {"mean": -sum(values) / len(values)},
+                 "test/rougeL": {"values": values, "mean": sum(values) / len(values)}}]
+
+    study = SimpleNamespace(preset=preset, work_dir=tmp_path, run_job=run_job, rows=rows)
+    parts = RealModelParts(study, settings)
+    parts.base = tmp_path
+    lora, adamix = parts.lora(3.2e-3), parts.adamix(3.2e-3, 1.0)
+    parts._sweep = {"chosen": {"lora": lora, "adamix-lora": adamix}}
+    result = parts.part_budget()
+
+    assert [j.seed for j in ran] == sorted(j.seed for j in ran)
+    per_seed = {(j.method.name, j.steps, j.train_size) for j in ran if j.seed == 0}
+    assert per_seed == {*((lora.name, s, None) for s in (25, 50, 100)), *((adamix.name, s, None) for s in (25, 50, 100, 400)),
+                        *((lora.name, s, 1000) for s in (62, 125, 250)),
+                        *((adamix.name, s, 1000) for s in (62, 125, 250, 1000))}
+    assert len(ran) == 3 * len(per_seed)
+    full = result["comparisons"][f"full/{adamix.name}"]
+    assert full["equal_steps"][50]["values"] == pytest.approx([0.0, -0.01, -0.02])
+    assert (full["best_dev"]["lora_steps"], full["best_dev"]["adamix_steps"]) == (100, 400)
+    assert full["best_dev"]["difference"]["values"] == pytest.approx([3.5, 3.5, 3.5])  # 24.5 - 21.0 on every seed
+    curve = result["dev_loss_curves"][f"{adamix.name}/small/1000"][1]
+    assert curve[0] == (0, pytest.approx(3.9)) and curve[-1] == (1000, pytest.approx(2.9))
