@@ -59,6 +59,10 @@ class Job:
         return f"{self.task}/{self.method.name}{variant}/seed-{self.seed}"
 
 
+def _run_seconds(timing: dict) -> float:
+    return timing["train_s"] + timing["score_s"]
+
+
 def _extras(run: Path) -> list[Path]:
     return [path for pattern in KEPT_EXTRAS for path in sorted(run.glob(pattern))]
 
@@ -257,7 +261,7 @@ class QualityStudy:
             row["dev_loss"] = _stat([_final_loss(r["final_eval"], mode) for r in records])
             timings = [r / "timing.json" for r in runs]
             if all(t.is_file() for t in timings):
-                row["run_seconds"] = sum(sum(json.loads(t.read_text()).values()) for t in timings)
+                row["run_seconds"] = sum(_run_seconds(json.loads(t.read_text())) for t in timings)
             spread = [final_expert_divergence(r["history"]) for r in records]
             if None not in spread:
                 row["expert_divergence"] = _stat(spread)

@@ -344,8 +344,8 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
     assert "| prompt | reference | lora(lr=0.0004) |" in (work / "parts" / "results.md").read_text()
     timings = [json.loads(p.read_text()) for p in (work / "runs").rglob("timing.json")]
     assert len(timings) == 6 and all(t["train_s"] > 0 and t["score_s"] > 0 for t in timings)
-    lora_runs = (work / "runs" / "definition" / "lora(lr=0.0004)").rglob("timing.json")
-    assert sweep["rows"][0]["run_seconds"] == pytest.approx(sum(sum(json.loads(p.read_text()).values()) for p in lora_runs))
+    lora_runs = [json.loads(p.read_text()) for p in (work / "runs" / "definition" / "lora(lr=0.0004)").rglob("timing.json")]
+    assert sweep["rows"][0]["run_seconds"] == pytest.approx(sum(t["train_s"] + t["score_s"] for t in lora_runs))
     supersense = json.loads((work / "parts" / "supersense.json").read_text())
     lora, adamix = supersense["rows"]
     assert lora["seeds"] == adamix["seeds"] == [0, 1]
