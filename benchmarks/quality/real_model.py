@@ -334,7 +334,8 @@ def run_time(rows: list[dict]) -> str:
     configs = {(r["method"], r["task"], r["steps"], r["train_size"]): r.get("run_seconds") for r in rows}
     known = [s for s in configs.values() if s is not None]
     text = f"runs {sum(known) / 60:.0f} min"
-    return text + (f", {len(configs) - len(known)} configurations untimed" if len(known) < len(configs) else "")
+    untimed = len(configs) - len(known)
+    return text + (f", {untimed} configuration{'s' * (untimed > 1)} untimed" if untimed else "")
 
 
 def samples_table(samples: dict | None) -> list[str]:
