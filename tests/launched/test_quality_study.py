@@ -210,10 +210,10 @@ def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
             pytest.approx(100 * ranked_hits / len(test_rows))
     assert "| adamix-lora | random |" in (work / "results.md").read_text()
 
-    # The extension's budget and adapter parts on the same base and data: the sweep chooses on dev with the
-    # reference's regularisers, the budgets reuse the sweep's runs, the adapter part reuses the first table's.
+    # The extension's budget part on the same base and data: the sweep chooses on dev with the reference's
+    # regularisers, the budgets reuse the sweep's runs. (The other parts reuse its machinery: `_rows_of` per method.)
     before = {p.parent for p in (work / "runs").rglob("scores.json")}
-    done = subprocess.run(command[:-2] + ["--parts", "budget,adapter"], capture_output=True, text=True, check=False,
+    done = subprocess.run(command[:-2] + ["--parts", "budget"], capture_output=True, text=True, check=False,
                           timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     budget = json.loads((work / "parts" / "budget.json").read_text())
@@ -235,13 +235,8 @@ def test_smoke_study_pretrains_fine_tunes_and_scores_every_mode(tmp_path):
         adamix, lora = rows["adamix-lora", "merged", steps], rows["lora", "model", steps]
         differences = [a - b for a, b in zip(adamix["test/accuracy"]["values"], lora["test/accuracy"]["values"])]
         assert budget["comparisons"]["equal_steps"][str(steps)]["values"] == pytest.approx(differences)
-    adapter = json.loads((work / "parts" / "adapter.json").read_text())
-    assert {r["method"] for r in adapter["rows"]} == {"adapter", "adamix-adapter", "adapter(bert-init)",
-                                                      "adamix-adapter(bert-init)"}
     new = {p.parent for p in (work / "runs").rglob("scores.json")} - before
-    # sweep 2 + 4, budgets 2 x 2 x 2 less the 2 sweep runs they share, adapter part 3 x 2 (the first table's adapter
-    # runs are reused)
-    assert len(new) == 6 + 6 + 6
+    assert len(new) == 6 + 6  # sweep 2 + 4, budgets 2 x 2 x 2 less the 2 sweep runs they share
     assert (work / "parts" / "budget.png").stat().st_size > 0
     assert "Each at its best dev budget" in (work / "parts" / "results.md").read_text()
 
@@ -421,3 +416,26 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
     assert full["best_dev"]["difference"]["values"] == pytest.approx([3.5, 3.5, 3.5])  # 24.5 - 21.0 on every seed
     curve = result["dev_loss_curves"][f"{adamix.name}/small/1000"][1]
     assert curve[0] == (0, pytest.approx(3.9)) and curve[-1] == (1000, pytest.approx(2.9))
+
+
+def test_adapter_part_runs_each_adapter_method_as_the_table_did_and_with_the_references_init(tmp_path):
+    """The extension's adapter part (in-process, training stood in for): the first table's adapter methods as they
+    were, then each with every weight drawn as the reference draws them (`--adapter_init bert`), nothing else
+    changed."""
+    from types import SimpleNamespace
+
+    from quality.parts import SETTINGS, ExtendedStudy
+    from quality.presets import METHODS, PRESETS
+
+    study = SimpleNamespace(preset=PRESETS["smoke"], methods=METHODS["smoke"], work_dir=tmp_path)
+    parts = ExtendedStudy(study, SETTINGS["smoke"], lora_rank=4)
+    ran = []
+    parts._rows_of = lambda method: ran.append(method) or [{"method": method.name}]
+    rows = parts.part_adapter()["rows"]
+    table = {m.name: m for m in METHODS["smoke"] if m.name in ("adapter", "adamix-adapter")}
+    assert [r["method"] for r in rows] == ["adapter", "adamix-adapter",
+                                           "adapter(bert-init)", "adamix-adapter(bert-init)"]
+    for method in ran:
+        name = method.name.removesuffix("(bert-init)")
+        expected = {**table[name].options, **({"adapter_init": "bert"} if method.name != name else {})}
+        assert method.options == expected and method.modes == table[name].modes
