@@ -44,8 +44,9 @@ def main(argv=None) -> int:
                         help="Comma-separated: base (the first table: every method, both tasks) and the extension's "
                              f"parts on supersense: {', '.join(PARTS)}.")
     parser.add_argument("--keep_runs", type=Path,
-                        help="Copy each finished run's records (run.json, scores.json, the test predictions) here and restore the runs found "
-                             "here instead of running them: a long study committed run by run and resumed elsewhere "
+                        help="Copy each finished run's records (run.json, scores.json, timing.json, the test "
+                             "predictions) here and restore the runs found here instead of running them: a long study "
+                             "committed run by run and resumed elsewhere "
                              "(benchmarks/results/quality_smollm2/runs holds the SmolLM2 study's).")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]

@@ -226,18 +226,17 @@ class RealModelParts(ExtendedStudy):
                     steps = _steps(e, train, self.batch)
                     job = {"steps": steps, "train_size": train if size_name == "small" else None,
                            "eval_steps": max(1, steps // self.settings.curve_points)}
-                    plan.append((size_name, e, method, job))
+                    plan.append((size_name, e, [Job("definition", method, seed, **job) for seed in self.seeds]))
         # Seed by seed, so that a study stopped part-way has every budget of its first seeds.
-        self._run([Job("definition", method, seed, **job) for seed in self.seeds for _, _, method, job in plan])
+        self._run([jobs[i] for i in range(len(self.seeds)) for _, _, jobs in plan])
         rows, curves = [], {}
-        for size_name, e, method, job in plan:
-            jobs = [Job("definition", method, seed, **job) for seed in self.seeds]
+        for size_name, e, jobs in plan:
             found = self.study.rows(jobs)
             for row in found:
                 row["epochs"], row["size"] = e, size_name
             rows += found
-            curves[f"{method.name}/{size_name}/{job['steps']}"] = [dev_loss_curve(self.study.work_dir / "runs" / j.name)
-                                                                  for j in jobs]
+            runs = [self.study.work_dir / "runs" / j.name for j in jobs]
+            curves[f"{jobs[0].method.name}/{size_name}/{jobs[0].steps}"] = [dev_loss_curve(r) for r in runs]
         return {"rows": rows, "dev_loss_curves": curves, "comparisons": comparisons(rows)}
 
     def part_supersense(self) -> dict:

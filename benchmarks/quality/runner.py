@@ -30,11 +30,11 @@ from .scoring import HEADLINE
 
 logger = logging.getLogger("adamix_ds.study")
 RUN_RECORDS = ("run.json", "scores.json")
+"""What a finished run leaves that the tables read: the trainer's record (final and periodic dev loss, parameter
+counts, step times) and the scores of its served models."""
 KEPT_EXTRAS = ("timing.json", "predictions-*-test.jsonl")
 """Kept beside a run's records and restored with them where present: the run's training and scoring seconds, and the
 served test predictions (about 35 KB for a definition run), for the report's samples and any later paired analysis."""
-"""What a finished run leaves that the tables read: the trainer's record (final and periodic dev loss, parameter
-counts, step times) and the scores of its served models."""
 BENCHMARKS = Path(__file__).resolve().parent.parent
 """benchmarks/, where the study's package lives (its scoring processes import it from there)."""
 
@@ -63,8 +63,10 @@ def _run_seconds(timing: dict) -> float:
     return timing["train_s"] + timing["score_s"]
 
 
-def _extras(run: Path) -> list[Path]:
-    return [path for pattern in KEPT_EXTRAS for path in sorted(run.glob(pattern))]
+def _kept_files(run: Path) -> list[Path]:
+    """A run's records and whichever of the extras it has: what --keep_runs copies out and back."""
+    extras = [path for pattern in KEPT_EXTRAS for path in sorted(run.glob(pattern))]
+    return [run / name for name in RUN_RECORDS] + extras
 
 
 def _flags(options: dict) -> list[str]:
@@ -193,7 +195,7 @@ class QualityStudy:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        for path in [kept / name for name in RUN_RECORDS] + _extras(kept):
+        for path in _kept_files(kept):
             shutil.copy2(path, out / path.name)
         return True
 
@@ -202,7 +204,7 @@ class QualityStudy:
             return
         kept = self.keep_runs / job.name
         kept.mkdir(parents=True, exist_ok=True)
-        for path in [out / name for name in RUN_RECORDS] + _extras(out):
+        for path in _kept_files(out):
             shutil.copy2(path, kept / path.name)
 
     def learning_rate(self, method: StudyMethod) -> float:

@@ -339,7 +339,8 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
     assert "| prompt | reference | lora(lr=0.0004) |" in (work / "parts" / "results.md").read_text()
     timings = [json.loads(p.read_text()) for p in (work / "runs").rglob("timing.json")]
     assert len(timings) == 6 and all(t["train_s"] > 0 and t["score_s"] > 0 for t in timings)
-    lora_runs = [json.loads(p.read_text()) for p in (work / "runs" / "definition" / "lora(lr=0.0004)").rglob("timing.json")]
+    lora_dir = work / "runs" / "definition" / "lora(lr=0.0004)"
+    lora_runs = [json.loads(p.read_text()) for p in lora_dir.rglob("timing.json")]
     assert sweep["rows"][0]["run_seconds"] == pytest.approx(sum(t["train_s"] + t["score_s"] for t in lora_runs))
     supersense = json.loads((work / "parts" / "supersense.json").read_text())
     lora, adamix = supersense["rows"]
@@ -406,7 +407,8 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
 
     assert [j.seed for j in ran] == sorted(j.seed for j in ran)
     per_seed = {(j.method.name, j.steps, j.train_size) for j in ran if j.seed == 0}
-    assert per_seed == {*((lora.name, s, None) for s in (25, 50, 100)), *((adamix.name, s, None) for s in (25, 50, 100, 400)),
+    assert per_seed == {*((lora.name, s, None) for s in (25, 50, 100)),
+                        *((adamix.name, s, None) for s in (25, 50, 100, 400)),
                         *((lora.name, s, 1000) for s in (62, 125, 250)),
                         *((adamix.name, s, 1000) for s in (62, 125, 250, 1000))}
     assert len(ran) == 3 * len(per_seed)
