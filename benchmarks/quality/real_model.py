@@ -6,13 +6,16 @@ is recorded. It is read from GGUF once and written to the work directory as safe
 tests/unit/test_model_source.py), so each run's two processes load it in a second instead of dequantizing again. The tasks are the study's WordNet tasks on its synset splits. LoRA and AdaMix-LoRA both take the
 reference's regularisers (parts.REFERENCE_REGULARISERS); AdaMix its reference init (identical A experts, shared up
 side). Budgets are in epochs of the training set; AdaMix's ladder reaches four times LoRA's longest, as the
-reference gives it four times LoRA's epochs. Dev chooses, test reports. Parts (`--parts`, each resumable run by run):
+reference gives it four times LoRA's epochs, and LoRA also runs that longest budget as a control, so that AdaMix's
+longest run has a LoRA run of equal steps beside it. Dev chooses, test reports. Parts (`--parts`, each resumable run
+by run):
 
 sweep       first seed, definition task, full training set, LoRA's middle budget: every method's learning rate
             from one ladder, then AdaMix's consistency weight at its chosen rate, then its number of experts
             (M = 4, 8) at both, on dev loss.
-budget      LoRA and AdaMix as chosen, at every budget of their ladders (AdaMix's adds four times LoRA's longest),
-            on the full and the small training set, every seed; dev loss every few steps (the curves).
+budget      LoRA and AdaMix as chosen, at every budget of their ladders (AdaMix's adds four times LoRA's longest;
+            LoRA runs it too, as the equal-steps control), on the full and the small training set, every seed; dev
+            loss every few steps (the curves).
 supersense  the chosen LoRA and AdaMix (M = 4) at LoRA's middle budget on the supersense task, every seed.
 routed      moa-soft and moa-sparse (chosen rates) at LoRA's middle budget, every seed.
 full        full fine-tuning at LoRA's middle budget, first seed.
@@ -43,7 +46,9 @@ class RealModelSettings:
     full_train: int
     small_train: int
     lora_epochs: tuple[float, ...]
-    """LoRA's budget ladder, in epochs of the full training set; AdaMix's adds four times the longest."""
+    """LoRA's budget ladder, in epochs of the full training set; AdaMix's adds four times the longest, which LoRA
+    also runs as the equal-steps control (outside its ladder: the best-against-best comparison takes LoRA's best of
+    the ladder, as the reference's protocol gives AdaMix four times LoRA's epochs)."""
     small_epochs: tuple[float, ...]
     """The ladder on the small training set (in its epochs), long enough for LoRA's dev loss to turn up."""
     learning_rates: tuple[float, ...] = (2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3, 1.28e-2, 2.56e-2)
@@ -218,22 +223,25 @@ class RealModelParts(ExtendedStudy):
     def part_budget(self) -> dict:
         chosen = self.sweep()["chosen"]
         lora, adamix = chosen["lora"], chosen["adamix-lora"]
-        sizes = {"full": (self.settings.full_train, self.settings.lora_epochs), "small": (self.settings.small_train, self.settings.small_epochs)}
+        sizes = {"full": (self.settings.full_train, self.settings.lora_epochs),
+                 "small": (self.settings.small_train, self.settings.small_epochs)}
         plan = []
         for size_name, (train, epochs) in sizes.items():
-            for method, ladder in ((lora, epochs), (adamix, (*epochs, 4 * epochs[-1]))):
-                for e in ladder:
+            longest = 4 * epochs[-1]
+            for method in (lora, adamix):
+                for e in (*epochs, longest):
                     steps = _steps(e, train, self.batch)
                     job = {"steps": steps, "train_size": train if size_name == "small" else None,
                            "eval_steps": max(1, steps // self.settings.curve_points)}
-                    plan.append((size_name, e, [Job("definition", method, seed, **job) for seed in self.seeds]))
+                    jobs = [Job("definition", method, seed, **job) for seed in self.seeds]
+                    plan.append((size_name, e, method is lora and e == longest, jobs))
         # Seed by seed, so that a study stopped part-way has every budget of its first seeds.
-        self._run([jobs[i] for i in range(len(self.seeds)) for _, _, jobs in plan])
+        self._run([jobs[i] for i in range(len(self.seeds)) for *_, jobs in plan])
         rows, curves = [], {}
-        for size_name, e, jobs in plan:
+        for size_name, e, control, jobs in plan:
             found = self.study.rows(jobs)
             for row in found:
-                row["epochs"], row["size"] = e, size_name
+                row["epochs"], row["size"], row["control"] = e, size_name, control
             rows += found
             runs = [self.study.work_dir / "runs" / j.name for j in jobs]
             curves[f"{jobs[0].method.name}/{size_name}/{jobs[0].steps}"] = [dev_loss_curve(r) for r in runs]
@@ -260,15 +268,15 @@ class RealModelParts(ExtendedStudy):
 
 
 def comparisons(rows: list[dict], metric: str = "test/rougeL") -> dict:
-    """AdaMix (merged, each M) minus LoRA seed by seed, per training-set size: at equal steps, and each method at
-    its best dev budget (lowest dev loss)."""
+    """AdaMix (merged, each M) minus LoRA seed by seed, per training-set size: at equal steps (the control
+    included), and each method at its best dev budget (lowest dev loss) of its ladder (LoRA's control left out)."""
     out = {}
     for size in sorted({r["size"] for r in rows}):
         mine = [r for r in rows if r["size"] == size]
         lora = {r["steps"]: r for r in mine if r["method"].startswith("lora(")}
         for name in sorted({r["method"] for r in mine if r["method"].startswith("adamix-lora(")}):
             adamix = {r["steps"]: r for r in mine if r["method"] == name}
-            best_lora = min(lora.values(), key=lambda r: r["dev_loss"]["mean"])
+            best_lora = min((r for r in lora.values() if not r.get("control")), key=lambda r: r["dev_loss"]["mean"])
             best_adamix = min(adamix.values(), key=lambda r: r["dev_loss"]["mean"])
             out[f"{size}/{name}"] = {
                 "equal_steps": {s: paired_difference(adamix[s], lora[s], metric) for s in sorted(lora) if s in adamix},
@@ -292,10 +300,11 @@ REAL_PRESETS = {
                       RealModelSettings(full_train=32, small_train=16, lora_epochs=(0.125, 0.25), small_epochs=(0.25,),
                                         learning_rates=(4e-4,), consistency_weights=(1.0,), experts=(4,), moa={})),
 }
-"""smollm2: 8 sequences of at most 64 tokens a step, bf16, one rank, fitted to about 6 hours of a 2-core CPU (LoRA
-about 1.0 s a step, AdaMix with consistency about 2 s, scoring a run about 50 s): LoRA's ladders are 25, 50 and 100
-steps on the full set and 63, 125 and 250 on the small one (2 epochs), AdaMix's add 400 and 1,000; the sweep and the
-other parts run at 50 steps. smollm2-smoke: the tests' end-to-end run (a few steps, two seeds)."""
+"""smollm2: 8 sequences of at most 64 tokens a step, bf16, one rank, about 7 hours of a 2-core CPU (LoRA 0.7-1.0 s
+a step, AdaMix with consistency 1.5-2 s, scoring a run about 50 s): LoRA's ladders are 25, 50 and 100 steps on the
+full set and 62, 125 and 250 on the small one (2 epochs), AdaMix's add 400 and 1,000, which LoRA also runs as the
+equal-steps control (about 20 minutes a seed); the sweep and the other parts run at 50 steps. smollm2-smoke: the
+tests' end-to-end run (a few steps, two seeds)."""
 
 
 def markdown(results: dict) -> str:
@@ -310,7 +319,8 @@ def markdown(results: dict) -> str:
         head = ["method", "task", "size", "steps", "seeds", "served params"] + [name for name, _, _ in columns]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in result["rows"]:
-            cells = [r["method"], r["task"], r.get("size", "full"), str(r["steps"]), str(len(r["seeds"])),
+            method = r["method"] + (" (control)" if r.get("control") else "")
+            cells = [method, r["task"], r.get("size", "full"), str(r["steps"]), str(len(r["seeds"])),
                      f"{r['served_parameters']:,}"]
             cells += [f"{r[key]['mean']:.{digits}f} ± {r[key]['std']:.{digits}f}" if key in r else ""
                       for _, key, digits in columns]

@@ -371,8 +371,9 @@ def test_smollm2_smoke_study_sweeps_and_compares_two_seeds_on_the_packaged_model
 def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
     """The real-model budget part with a stand-in for training: every budget of a seed runs before the next seed
     starts (a study stopped part-way has whole seeds), the ladders are the preset's (LoRA 25/50/100 steps on 8,000
-    synsets and 62/125/250 on 1,000; AdaMix adds four times the longest), and the comparisons pair AdaMix with LoRA
-    seed by seed, at equal steps and each at its lowest dev loss."""
+    synsets and 62/125/250 on 1,000; AdaMix adds four times the longest, which LoRA runs as a control), and the
+    comparisons pair AdaMix with LoRA seed by seed, at equal steps (the control's too) and each at its lowest dev loss
+    of its ladder (LoRA's control left out, however low)."""
     from types import SimpleNamespace
 
     from quality.real_model import REAL_PRESETS, RealModelParts
@@ -382,7 +383,7 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
 
     def score(job):  # AdaMix is worse by 0.01 per seed number at equal steps, and better at its longest budget
         adamix = job.method.name.startswith("adamix")
-        return 20 + job.steps / 100 + (0.5 if adamix and job.steps in (400, 1000) else -0.01 * job.seed * adamix)
+        return 20 + job.steps / 100 + (0.5 * adamix if job.steps in (400, 1000) else -0.01 * job.seed * adamix)
 
     def run_job(job, base):
         ran.append(job)
@@ -407,13 +408,16 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
 
     assert [j.seed for j in ran] == sorted(j.seed for j in ran)
     per_seed = {(j.method.name, j.steps, j.train_size) for j in ran if j.seed == 0}
-    assert per_seed == {*((lora.name, s, None) for s in (25, 50, 100)),
+    assert per_seed == {*((lora.name, s, None) for s in (25, 50, 100, 400)),
                         *((adamix.name, s, None) for s in (25, 50, 100, 400)),
-                        *((lora.name, s, 1000) for s in (62, 125, 250)),
+                        *((lora.name, s, 1000) for s in (62, 125, 250, 1000)),
                         *((adamix.name, s, 1000) for s in (62, 125, 250, 1000))}
     assert len(ran) == 3 * len(per_seed)
     full = result["comparisons"][f"full/{adamix.name}"]
     assert full["equal_steps"][50]["values"] == pytest.approx([0.0, -0.01, -0.02])
+    assert full["equal_steps"][400]["values"] == pytest.approx([0.5, 0.5, 0.5])
+    controls = [r["control"] for r in result["rows"] if r["method"] == lora.name]
+    assert controls == [False, False, False, True] * 2
     assert (full["best_dev"]["lora_steps"], full["best_dev"]["adamix_steps"]) == (100, 400)
     assert full["best_dev"]["difference"]["values"] == pytest.approx([3.5, 3.5, 3.5])  # 24.5 - 21.0 on every seed
     curve = result["dev_loss_curves"][f"{adamix.name}/small/1000"][1]
