@@ -362,8 +362,8 @@ def samples_table(samples: dict | None) -> list[str]:
 
 def plot_budget(result: dict, path: Path) -> Path:
     """Dev loss and dev ROUGE-L (mean ± standard deviation over seeds) at the end of each budget's runs, LoRA and
-    AdaMix, one panel pair per training-set size; dashed, the dev loss during each method's longest runs (mean over
-    seeds), which shows where it turns up within one schedule."""
+    AdaMix, one panel pair per training-set size, LoRA's control hollow; dashed, the dev loss during each method's
+    longest runs (mean over seeds), which shows where it turns up within one schedule."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,6 +382,12 @@ def plot_budget(result: dict, path: Path) -> Path:
                 rows = sorted(rows, key=lambda r: r["steps"])
                 drawn = axis.errorbar([r["steps"] for r in rows], [r[key]["mean"] for r in rows],
                                       yerr=[r[key]["std"] for r in rows], marker="o", capsize=3, label=method)
+                drawn.lines[0].set_markevery([i for i, r in enumerate(rows) if not r.get("control")])
+                controls = [r for r in rows if r.get("control")]
+                if controls:
+                    axis.plot([r["steps"] for r in controls], [r[key]["mean"] for r in controls], marker="o",
+                              linestyle="none", markerfacecolor="white", color=drawn.lines[0].get_color(),
+                              label=f"{method}, control (outside its ladder)")
                 curves = result.get("dev_loss_curves", {}).get(f"{method}/{size}/{rows[-1]['steps']}")
                 if key == "dev_loss" and curves:
                     steps = sorted(set.intersection(*({s for s, _ in c} for c in curves)) - {0})

@@ -376,7 +376,7 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
     of its ladder (LoRA's control left out, however low)."""
     from types import SimpleNamespace
 
-    from quality.real_model import REAL_PRESETS, RealModelParts
+    from quality.real_model import REAL_PRESETS, RealModelParts, plot_budget
 
     preset, settings = REAL_PRESETS["smollm2"]
     ran = []
@@ -396,7 +396,8 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
     def rows(jobs):
         values = [score(j) for j in jobs]
         return [{"method": jobs[0].method.name, "steps": jobs[0].steps, "seeds": [j.seed for j in jobs],
-                 "dev_loss": {"mean": -sum(values) / len(values)},
+                 "dev_loss": {"mean": -sum(values) / len(values), "std": 0.0},
+                 "dev/rougeL": {"mean": sum(values) / len(values), "std": 0.0},
                  "test/rougeL": {"values": values, "mean": sum(values) / len(values)}}]
 
     study = SimpleNamespace(preset=preset, work_dir=tmp_path, run_job=run_job, rows=rows)
@@ -422,6 +423,7 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
     assert full["best_dev"]["difference"]["values"] == pytest.approx([3.5, 3.5, 3.5])  # 24.5 - 21.0 on every seed
     curve = result["dev_loss_curves"][f"{adamix.name}/small/1000"][1]
     assert curve[0] == (0, pytest.approx(3.9)) and curve[-1] == (1000, pytest.approx(2.9))
+    assert plot_budget(result, tmp_path / "budget.png").stat().st_size > 0
 
 
 def test_adapter_part_runs_each_adapter_method_as_the_table_did_and_with_the_references_init(tmp_path):
