@@ -73,6 +73,7 @@ class ModelSource:
         if not self.is_gguf:
             return AutoModelForCausalLM.from_pretrained(self.location, **options)
         options.pop("use_safetensors", None)  # the weights are in the GGUF file, which holds no pickle
+        options.update(dequantizing_gguf_options())
         with self.reading_gguf():
             model = AutoModelForCausalLM.from_pretrained(self.location, **self.pretrained_options(), **options)
         drop_gguf_marker(model.config)
@@ -97,6 +98,18 @@ class ModelSource:
         except (ValueError, KeyError, NotImplementedError) as error:
             raise ConfigError(f"--model_name_or_path {self.gguf_path}: transformers cannot read this GGUF model "
                               f"({error})") from None
+
+
+def dequantizing_gguf_options() -> dict:
+    """from_pretrained's option that unpacks every GGUF weight into a dense tensor. Newer transformers otherwise keep
+    the weights of some architectures packed in GGUF blocks (when the `kernels` package is installed), which neither
+    the adapters, ZeRO-3 nor the merge can work on, and warn about the dtype of every packed load; older ones know
+    no such option and always dequantize."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def drop_gguf_marker(config) -> None:

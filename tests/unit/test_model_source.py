@@ -89,6 +89,27 @@ def test_the_gguf_source_equals_its_dequantized_safetensors_copy(smollm2, smollm
     torch.testing.assert_close(model.model.layers[3].mlp.down_proj.weight, expected.reshape(576, 1536), rtol=0, atol=0)
 
 
+def test_a_gguf_base_loads_dense_in_bf16_without_a_packing_warning(smollm2_file):
+    """The trainer needs ordinary linear layers (the adapters wrap them, ZeRO-3 partitions them, the merge adds to
+    them), so a GGUF base is asked for dense weights: in bf16 every linear is a plain torch Linear of bf16 weights,
+    and transformers does not warn, as it does for packed loads, that float32 would be faster."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        model = resolve_source(SMOLLM2).load(torch.bfloat16)
+    finally:
+        logger.removeHandler(handler)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 30 * 7 + 1 and {type(m) for m in linears} == {torch.nn.Linear}
+    assert {m.weight.dtype for m in linears} == {torch.bfloat16}
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING and "GGUF" in r.getMessage()]
+
+
 def test_the_packaged_model_answers_with_its_own_chat_template(smollm2):
     model, _ = smollm2
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=SMOLLM2))
