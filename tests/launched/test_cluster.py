@@ -4,6 +4,7 @@ slurm/merge.sbatch with 2 tasks, and a 2-process mpirun launch through mpi4py di
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from launching import REPO, cpu_env, free_port, run_record, train_losses, wait_for
@@ -18,14 +19,26 @@ def _job_state(env: dict, job: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=60).stdout
 
 
+def _node_idle(env: dict) -> bool:
+    state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=60)
+    return state.stdout.strip() == "idle"
+
+
 def _ended(env: dict, job: str, release: bool = False) -> str:
     """The job's state once it has ended, else ''. With `release`, a job held for its begin time is let start now:
     a requeued job waits about two minutes to be eligible again, and slurmctld sets that time anew when the batch
-    step's requeue finishes, which can come after a first release (the test's old flake: the job never re-ran)."""
+    step's requeue finishes, which can come after a first release (an old flake: the job never re-ran). The release
+    waits for the node to be idle, i.e. the killed run's batch step has reported and its epilog has run: released
+    before that, the old batch script's exit 143 could be booked to the job (another flake: FAILED, NonZeroExitCode)."""
     state = _job_state(env, job)
-    if release and re.search(r"JobState=PENDING Reason=BeginTime", state):
+    if release and re.search(r"JobState=PENDING Reason=BeginTime", state) and _node_idle(env):
         subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True, timeout=60)
     return state if re.search(r"JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT)", state) else ""
+
+
+def _slurmctld_log(cluster: Path) -> str:
+    log = cluster / "log" / "slurmctld.log"
+    return log.read_text(errors="replace")[-3000:] if log.exists() else "no slurmctld log"
 
 
 def _sbatch(env, script, tmp_path, args):
@@ -100,7 +113,8 @@ def test_a_requeued_job_saves_on_the_signal_and_continues_from_auto(tmp_path):
                          lambda: log.read_text(errors="replace")[-4000:], poll=1.0)
     output = log.read_text(errors="replace")
     ended = re.search(r"JobState=\S+ Reason=\S+", state)
-    assert "JobState=COMPLETED" in state, f"{ended.group(0) if ended else state[:800]}\n{output[-4000:]}"
+    assert "JobState=COMPLETED" in state, \
+        f"{ended.group(0) if ended else state[:800]}\n{output[-4000:]}\n{_slurmctld_log(tmp_path / 'cluster')}"
     stopped = re.findall(r"stopped by SIGTERM after step (\d+);", output)
     assert len(stopped) == 2 and stopped[0] == stopped[1], output[-4000:]  # both ranks, the same step
     step = int(stopped[0])
