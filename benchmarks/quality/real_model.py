@@ -268,8 +268,9 @@ class RealModelParts(ExtendedStudy):
 
 
 def comparisons(rows: list[dict], metric: str = "test/rougeL") -> dict:
-    """AdaMix (merged, each M) minus LoRA seed by seed, per training-set size: at equal steps (the control
-    included), and each method at its best dev budget (lowest dev loss) of its ladder (LoRA's control left out)."""
+    """AdaMix (merged, each M) minus LoRA seed by seed, per training-set size: `metric` and the dev loss (what chose)
+    at equal steps (the control included), and `metric` with each method at its best dev budget (lowest dev loss) of
+    its ladder (LoRA's control left out)."""
     out = {}
     for size in sorted({r["size"] for r in rows}):
         mine = [r for r in rows if r["size"] == size]
@@ -280,6 +281,8 @@ def comparisons(rows: list[dict], metric: str = "test/rougeL") -> dict:
             best_adamix = min(adamix.values(), key=lambda r: r["dev_loss"]["mean"])
             out[f"{size}/{name}"] = {
                 "equal_steps": {s: paired_difference(adamix[s], lora[s], metric) for s in sorted(lora) if s in adamix},
+                "equal_steps_dev_loss": {s: paired_difference(adamix[s], lora[s], "dev_loss")
+                                         for s in sorted(lora) if s in adamix},
                 "best_dev": {"lora_steps": best_lora["steps"], "adamix_steps": best_adamix["steps"],
                              "difference": paired_difference(best_adamix, best_lora, metric)},
             }
@@ -330,10 +333,13 @@ def markdown(results: dict) -> str:
         for name, comparison in result.get("comparisons", {}).items():
             equal = "; ".join(f"{steps} steps {d['mean']:+.2f} ± {d['std']:.2f}"
                               for steps, d in comparison["equal_steps"].items())
+            loss = "; ".join(f"{steps} steps {d['mean']:+.3f} ± {d['std']:.3f}"
+                             for steps, d in comparison.get("equal_steps_dev_loss", {}).items())
             best = comparison["best_dev"]
             lines += [f"{name} minus LoRA, test ROUGE-L seed by seed: {equal}; each at its best dev budget (LoRA "
                       f"{best['lora_steps']}, AdaMix {best['adamix_steps']} steps) "
                       f"{best['difference']['mean']:+.2f} ± {best['difference']['std']:.2f}.", ""]
+            lines += [f"{name} minus LoRA, dev loss seed by seed: {loss}.", ""] if loss else []
     return "\n".join(lines) + "\n"
 
 

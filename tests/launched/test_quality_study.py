@@ -396,7 +396,7 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
     def rows(jobs):
         values = [score(j) for j in jobs]
         return [{"method": jobs[0].method.name, "steps": jobs[0].steps, "seeds": [j.seed for j in jobs],
-                 "dev_loss": {"mean": -sum(values) / len(values), "std": 0.0},
+                 "dev_loss": {"values": [-v for v in values], "mean": -sum(values) / len(values), "std": 0.0},
                  "dev/rougeL": {"mean": sum(values) / len(values), "std": 0.0},
                  "test/rougeL": {"values": values, "mean": sum(values) / len(values)}}]
 
@@ -417,6 +417,7 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
     full = result["comparisons"][f"full/{adamix.name}"]
     assert full["equal_steps"][50]["values"] == pytest.approx([0.0, -0.01, -0.02])
     assert full["equal_steps"][400]["values"] == pytest.approx([0.5, 0.5, 0.5])
+    assert full["equal_steps_dev_loss"][50]["values"] == pytest.approx([0.0, 0.01, 0.02])
     controls = [r["control"] for r in result["rows"] if r["method"] == lora.name]
     assert controls == [False, False, False, True] * 2
     assert (full["best_dev"]["lora_steps"], full["best_dev"]["adamix_steps"]) == (100, 400)
