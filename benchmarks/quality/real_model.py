@@ -368,8 +368,8 @@ def samples_table(samples: dict | None) -> list[str]:
 
 def plot_budget(result: dict, path: Path) -> Path:
     """Dev loss and dev ROUGE-L (mean ± standard deviation over seeds) at the end of each budget's runs, LoRA and
-    AdaMix, one panel pair per training-set size, LoRA's control hollow; dashed, the dev loss during each method's
-    longest runs (mean over seeds), which shows where it turns up within one schedule."""
+    AdaMix, one panel pair per training-set size, LoRA's control hollow and joined by a dotted line; dashed, the
+    dev loss during each method's longest runs (mean over seeds), which shows where it turns up within one schedule."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -386,19 +386,21 @@ def plot_budget(result: dict, path: Path) -> Path:
         for axis, key, label in zip(row_axes, ("dev_loss", "dev/rougeL"), ("dev loss", "dev ROUGE-L")):
             for method, rows in series.items():
                 rows = sorted(rows, key=lambda r: r["steps"])
-                drawn = axis.errorbar([r["steps"] for r in rows], [r[key]["mean"] for r in rows],
-                                      yerr=[r[key]["std"] for r in rows], marker="o", capsize=3, label=method)
-                drawn.lines[0].set_markevery([i for i, r in enumerate(rows) if not r.get("control")])
-                controls = [r for r in rows if r.get("control")]
-                if controls:
-                    axis.plot([r["steps"] for r in controls], [r[key]["mean"] for r in controls], marker="o",
-                              linestyle="none", markerfacecolor="white", color=drawn.lines[0].get_color(),
-                              label=f"{method}, control (outside its ladder)")
+                ladder = [r for r in rows if not r.get("control")]
+                drawn = axis.errorbar([r["steps"] for r in ladder], [r[key]["mean"] for r in ladder],
+                                      yerr=[r[key]["std"] for r in ladder], marker="o", capsize=3, label=method)
+                color = drawn.lines[0].get_color()
+                for control in (r for r in rows if r.get("control")):
+                    axis.plot([ladder[-1]["steps"], control["steps"]], [ladder[-1][key]["mean"], control[key]["mean"]],
+                              linestyle=":", color=color)
+                    axis.errorbar([control["steps"]], [control[key]["mean"]], yerr=[control[key]["std"]], marker="o",
+                                  capsize=3, markerfacecolor="white", color=color,
+                                  label=f"{method} at {control['steps']} steps, control (outside its ladder)")
                 curves = result.get("dev_loss_curves", {}).get(f"{method}/{size}/{rows[-1]['steps']}")
                 if key == "dev_loss" and curves:
                     steps = sorted(set.intersection(*({s for s, _ in c} for c in curves)) - {0})
                     means = [sum(dict(c)[s] for c in curves) / len(curves) for s in steps]
-                    axis.plot(steps, means, linestyle="--", linewidth=1, color=drawn.lines[0].get_color(),
+                    axis.plot(steps, means, linestyle="--", linewidth=1, color=color,
                               label=f"{method}, during its {rows[-1]['steps']}-step runs")
             axis.set_xscale("log")
             axis.set_xticks(sorted({r["steps"] for rows in series.values() for r in rows}))
