@@ -314,7 +314,8 @@ def markdown(results: dict) -> str:
     """Each part's rows as a table (mean ± standard deviation over seeds), and the paired differences."""
     columns = [("dev loss", "dev_loss", 3), ("dev ROUGE-L", "dev/rougeL", 1), ("test BLEU", "test/bleu", 1),
                ("test ROUGE-L", "test/rougeL", 1), ("test accuracy", "test/accuracy", 1),
-               ("test ranked", "test/ranked_accuracy", 1), ("expert spread", "expert_divergence", 4)]
+               ("test ranked", "test/ranked_accuracy", 1), ("expert spread", "expert_divergence", 4),
+               ("update norm", "update_norm", 1), ("experts' update norm", "expert_update_norm", 1)]
     lines = []
     for part, result in results.items():
         lines += [f"**{part}** ({run_time(result['rows'])}; base {result['base']['file']}, sha256 "

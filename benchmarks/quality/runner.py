@@ -22,19 +22,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from adamix_ds.distributed.collectives import free_port
+from adamix_ds.training.checkpoints import find_resume_checkpoint
 from adamix_ds.training.initial_model import write_initial_model
 
 from . import pretraining, python_docs, wordnet_tasks
 from .presets import Preset, StudyMethod
 from .scoring import HEADLINE
+from .update_norms import update_norms
 
 logger = logging.getLogger("adamix_ds.study")
 RUN_RECORDS = ("run.json", "scores.json")
 """What a finished run leaves that the tables read: the trainer's record (final and periodic dev loss, parameter
 counts, step times) and the scores of its served models."""
-KEPT_EXTRAS = ("timing.json", "predictions-*-test.jsonl")
-"""Kept beside a run's records and restored with them where present: the run's training and scoring seconds, and the
-served test predictions (about 35 KB for a definition run), for the report's samples and any later paired analysis."""
+KEPT_EXTRAS = ("timing.json", "predictions-*-test.jsonl", "update_norms.json")
+"""Kept beside a run's records and restored with them where present: the run's training and scoring seconds, the
+served test predictions (about 35 KB for a definition run), for the report's samples and any later paired analysis,
+and a LoRA-type run's update norms (update_norms.py)."""
 BENCHMARKS = Path(__file__).resolve().parent.parent
 """benchmarks/, where the study's package lives (its scoring processes import it from there)."""
 
@@ -133,6 +136,8 @@ class QualityStudy:
         out = self.work_dir / "runs" / job.name
         scores_path = out / "scores.json"
         if scores_path.is_file() and (out / "run.json").is_file():
+            if not (out / "update_norms.json").is_file() and self._record_update_norms(out):
+                self._keep(job, out)  # a run finished before the record existed, its checkpoint still here
             return json.loads(scores_path.read_text())
         if self._restore(job, out):
             logger.info("%s: restored from %s", job.name, self.keep_runs)
@@ -162,6 +167,7 @@ class QualityStudy:
         scores = json.loads(scores_path.read_text())
         timing = {"train_s": trained, "score_s": time.perf_counter() - start - trained}
         (out / "timing.json").write_text(json.dumps(timing) + "\n")
+        self._record_update_norms(out)
         self._keep(job, out)
         logger.info("%s: trained in %.0f s, scored in %.0f s: %s", job.name, timing["train_s"], timing["score_s"],
                     {k: round(v[HEADLINE[job.task]], 2) for k, v in scores.items()})
@@ -188,6 +194,15 @@ class QualityStudy:
         return self.aggregate(jobs)
 
     # Helpers.
+    @staticmethod
+    def _record_update_norms(out: Path) -> bool:
+        """Write update_norms.json from the run's final checkpoint; False where it has none or no LoRA pairs."""
+        checkpoint = find_resume_checkpoint(out, "auto")
+        norms = update_norms(checkpoint) if checkpoint is not None else None
+        if norms is not None:
+            (out / "update_norms.json").write_text(json.dumps(norms) + "\n")
+        return norms is not None
+
     def _restore(self, job: Job, out: Path) -> bool:
         kept = None if self.keep_runs is None else self.keep_runs / job.name
         if kept is None or not all((kept / name).is_file() for name in RUN_RECORDS):
@@ -267,6 +282,11 @@ class QualityStudy:
             spread = [final_expert_divergence(r["history"]) for r in records]
             if None not in spread:
                 row["expert_divergence"] = _stat(spread)
+            norms = [r / "update_norms.json" for r in runs]
+            if all(n.is_file() for n in norms):
+                norms = [json.loads(n.read_text()) for n in norms]
+                row["update_norm"] = _stat([n["served"] for n in norms])
+                row["expert_update_norm"] = _stat([n["experts"] for n in norms])
             for split in ("dev", "test"):
                 for metric in scores[0][f"{mode}/{split}"]:
                     if metric in ("examples", "seconds"):

@@ -427,6 +427,38 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
     assert plot_budget(result, tmp_path / "budget.png").stat().st_size > 0
 
 
+
+def test_update_norms_of_merged_experts_and_of_lora_against_hand_computed_values(tmp_path):
+    """The budget part's mechanism measurement on hand-written checkpoints: two A experts [1, 0] and [0, 1] under a
+    shared B = [[2]] (alpha / r = 1) serve the merge 2 [0.5, 0.5] = [1, 1], norm sqrt(2), while each expert's update
+    [2, 0] or [0, 2] has norm 2; a second insertion point adds in quadrature; LoRA (one expert) has both the same;
+    full fine-tuning and routed methods have none."""
+    from safetensors.torch import save_file
+
+    from adamix_ds.config import MixtureConfig
+    from quality.update_norms import update_norms
+
+    def checkpoint(name, method, experts, tensors, alpha=1.0):
+        path = tmp_path / name
+        path.mkdir()
+        config = MixtureConfig(method=method, num_experts=experts, lora_r=1, lora_alpha=alpha)
+        (path / "mixture_config.json").write_text(json.dumps({"format_version": 1, "config": config.to_dict(),
+                                                               "seed": 0, "targets": []}))
+        save_file(tensors, str(path / "mixtures.safetensors"))
+        return path
+
+    adamix = checkpoint("adamix", "adamix-lora", 2, {
+        "l0.q.lora_A": torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]), "l0.q.lora_B": torch.tensor([[[2.0]]]),
+        "l1.q.lora_A": torch.tensor([[[3.0, 0.0]], [[3.0, 0.0]]]), "l1.q.lora_B": torch.tensor([[[1.0]]])})
+    assert update_norms(adamix) == pytest.approx({"served": (2 + 9) ** 0.5, "experts": (4 + 9) ** 0.5})
+    lora = checkpoint("lora", "lora", 1, {"l0.v.lora_A": torch.tensor([[[3.0, 4.0]]]),
+                                          "l0.v.lora_B": torch.tensor([[[1.0], [0.0]]])}, alpha=2.0)
+    assert update_norms(lora) == pytest.approx({"served": 10.0, "experts": 10.0})  # 2 * [[3, 4], [0, 0]]
+    assert update_norms(checkpoint("soft", "moa-soft", None, {"x": torch.zeros(1)})) is None
+    full = tmp_path / "full"
+    full.mkdir()
+    assert update_norms(full) is None
+
 def test_adapter_part_runs_each_adapter_method_as_the_table_did_and_with_the_references_init(tmp_path):
     """The extension's adapter part (in-process, training stood in for): the first table's adapter methods as they
     were, then each with every weight drawn as the reference draws them (`--adapter_init bert`), nothing else
