@@ -64,6 +64,13 @@ def _start_munge() -> None:
     subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True, timeout=60)
 
 
+def node_state(env: dict) -> str:
+    """The test node's state as sinfo prints it (idle, mixed, allocated, completing, ...); '' while slurmctld is down."""
+    state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=60,
+                           check=False)
+    return state.stdout.strip() if state.returncode == 0 else ""
+
+
 @contextlib.contextmanager
 def single_node_cluster(root: Path):
     """Yield the environment (SLURM_CONF set) of a running one-node cluster; stop it afterwards."""
@@ -75,8 +82,7 @@ def single_node_cluster(root: Path):
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=60)
-            if state.returncode == 0 and state.stdout.strip() in ("idle", "mixed", "allocated"):
+            if node_state(env) in ("idle", "mixed", "allocated"):
                 break
             time.sleep(1)
         else:

@@ -279,10 +279,10 @@ def comparisons(rows: list[dict], metric: str = "test/rougeL") -> dict:
             adamix = {r["steps"]: r for r in mine if r["method"] == name}
             best_lora = min((r for r in lora.values() if not r.get("control")), key=lambda r: r["dev_loss"]["mean"])
             best_adamix = min(adamix.values(), key=lambda r: r["dev_loss"]["mean"])
+            shared = [s for s in sorted(lora) if s in adamix]
             out[f"{size}/{name}"] = {
-                "equal_steps": {s: paired_difference(adamix[s], lora[s], metric) for s in sorted(lora) if s in adamix},
-                "equal_steps_dev_loss": {s: paired_difference(adamix[s], lora[s], "dev_loss")
-                                         for s in sorted(lora) if s in adamix},
+                "equal_steps": {s: paired_difference(adamix[s], lora[s], metric) for s in shared},
+                "equal_steps_dev_loss": {s: paired_difference(adamix[s], lora[s], "dev_loss") for s in shared},
                 "best_dev": {"lora_steps": best_lora["steps"], "adamix_steps": best_adamix["steps"],
                              "difference": paired_difference(best_adamix, best_lora, metric)},
             }

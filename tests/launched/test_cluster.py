@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from launching import REPO, cpu_env, free_port, run_record, train_losses, wait_for
 from safetensors.torch import load_file
-from slurm_cluster import missing_binaries, single_node_cluster
+from slurm_cluster import missing_binaries, node_state, single_node_cluster
 
 TRAIN = ["--model_name_or_path", "tiny:llama", "--max_steps", "4", "--max_seq_length", "64",
          "--eval_steps", "2", "--num_samples", "1", "--per_device_train_batch_size", "2", "--logging_steps", "1"]
@@ -19,11 +19,6 @@ def _job_state(env: dict, job: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=60).stdout
 
 
-def _node_idle(env: dict) -> bool:
-    state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=60)
-    return state.stdout.strip() == "idle"
-
-
 def _ended(env: dict, job: str, release: bool = False) -> str:
     """The job's state once it has ended, else ''. With `release`, a job held for its begin time is let start now:
     a requeued job waits about two minutes to be eligible again, and slurmctld sets that time anew when the batch
@@ -31,7 +26,7 @@ def _ended(env: dict, job: str, release: bool = False) -> str:
     waits for the node to be idle, i.e. the killed run's batch step has reported and its epilog has run: released
     before that, the old batch script's exit 143 could be booked to the job (another flake: FAILED, NonZeroExitCode)."""
     state = _job_state(env, job)
-    if release and re.search(r"JobState=PENDING Reason=BeginTime", state) and _node_idle(env):
+    if release and re.search(r"JobState=PENDING Reason=BeginTime", state) and node_state(env) == "idle":
         subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True, timeout=60)
     return state if re.search(r"JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT)", state) else ""
 

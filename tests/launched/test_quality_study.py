@@ -427,7 +427,6 @@ def test_smollm2_budget_runs_seed_by_seed_and_pairs_adamix_with_lora(tmp_path):
     assert plot_budget(result, tmp_path / "budget.png").stat().st_size > 0
 
 
-
 def test_update_norms_of_merged_experts_and_of_lora_against_hand_computed_values(tmp_path):
     """The budget part's mechanism measurement on hand-written checkpoints: two A experts [1, 0] and [0, 1] under a
     shared B = [[2]] (alpha / r = 1) serve the merge 2 [0.5, 0.5] = [1, 1], norm sqrt(2), while each expert's update
@@ -458,6 +457,7 @@ def test_update_norms_of_merged_experts_and_of_lora_against_hand_computed_values
     full = tmp_path / "full"
     full.mkdir()
     assert update_norms(full) is None
+
 
 def test_adapter_part_runs_each_adapter_method_as_the_table_did_and_with_the_references_init(tmp_path):
     """The extension's adapter part (in-process, training stood in for): the first table's adapter methods as they
